@@ -1,0 +1,1 @@
+"""saetron.kernels: Triton kernels, their launchers and autograd Functions, and the torch references."""
