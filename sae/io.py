@@ -1,0 +1,184 @@
+"""Save, load and export a SparseAutoencoder: the native format and SAELens' on-disk format.
+
+Native (one folder):
+    sae_config.json      {"format": "saetron-sae", "format_version": 1, "config": SAEConfig fields}
+    sae.safetensors      W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in],
+                         activation_mean [d_in]
+
+SAELens (`export_saelens`, architecture "standard" for relu or "topk"):
+    cfg.json, sae_weights.safetensors (W_enc, W_dec, b_enc, b_dec)
+    Centering folds into the biases (SAELens has no mean buffer), mu = activation_mean:
+        b_dec' = b_dec + mu                                  (output is recon_n + mu)
+        b_enc' = b_enc - mu @ W_enc   if not apply_b_dec_to_input
+        b_enc' = b_enc                if apply_b_dec_to_input (x - b_dec' already subtracts mu)
+    so SAELens' encode/decode of raw activations equals ours. A layer_norm SAE exports with
+    SAELens' "layer_norm" (our convention is SAELens': x_n = (x - mu) / (std + 1e-5), recon * std + mu).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import SAEConfig
+
+if TYPE_CHECKING:
+    from .model import SparseAutoencoder
+
+FORMAT = "saetron-sae"
+FORMAT_VERSION = 1  # the seed's architecture v1.1; bump when the tensors or their meaning change
+CONFIG_FILE = "sae_config.json"
+WEIGHTS_FILE = "sae.safetensors"
+SAELENS_CONFIG_FILE = "cfg.json"
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_VERSION = "6.54.12"  # the SAELens release whose format (and loader) the export is tested against
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "activation_mean")
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
+    """Write `sae.safetensors` then `sae_config.json` into folder (created); returns the folder.
+
+    Each file is written to a temporary name and renamed, so a crash never leaves a half file
+    under the final name.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: getattr(sae, name) for name in TENSOR_NAMES}
+    _save_tensors(tensors, folder / WEIGHTS_FILE, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    _atomic_write_json(
+        folder / CONFIG_FILE,
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "config": sae.cfg.to_dict()},
+    )
+    return folder
+
+
+def _read_config(path: Path) -> SAEConfig:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: a saetron SAE folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not a saetron SAE config object")
+    version = raw.get("format_version")
+    if raw.get("format") != FORMAT or version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format {raw.get('format')!r} version {version!r}; "
+            f"this saetron reads {FORMAT!r} version {FORMAT_VERSION}. Checkpoints of another architecture "
+            "version do not load into this one: retrain the SAE with this version (or load it with the "
+            "saetron release that wrote it)."
+        )
+    try:
+        return SAEConfig(**raw["config"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: the config section is incomplete or has unknown fields ({err})") from err
+
+
+def load_sae(folder: str | Path, device: torch.device | str = "cpu") -> SparseAutoencoder:
+    """Load a folder written by `save_sae`; every problem is a ValueError naming the file."""
+    from .model import SparseAutoencoder
+
+    folder = Path(folder)
+    cfg = _read_config(folder / CONFIG_FILE)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{weights} is missing; save the SAE again with sae.save(folder)")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing = [n for n in TENSOR_NAMES if n not in names]
+            if missing:
+                raise ValueError(
+                    f"{weights} lacks tensor(s) {missing}; expected {list(TENSOR_NAMES)}. "
+                    "The file was not written by sae.save: save it again."
+                )
+            tensors = {n: f.get_tensor(n) for n in TENSOR_NAMES}
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for a truncated header/body
+        raise ValueError(
+            f"{weights} cannot be read ({type(err).__name__}: {err}); the file is truncated or corrupt: "
+            "restore it or save the SAE again"
+        ) from err
+    expected = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "b_enc": (cfg.d_sae,),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_dec": (cfg.d_in,),
+        "activation_mean": (cfg.d_in,),
+    }
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{weights}: tensor {name} has shape {tuple(tensors[name].shape)}, but {CONFIG_FILE} "
+                f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}; the two files belong to different SAEs"
+            )
+    sae = SparseAutoencoder.from_config(cfg, device=device, dtype=tensors["W_enc"].dtype)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            getattr(sae, name).copy_(value)
+    return sae
+
+
+def saelens_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+    """SAELens weights equivalent to `sae` on raw activations (centering folded into the biases)."""
+    with torch.no_grad():
+        W_enc, W_dec = sae.W_enc.detach().clone(), sae.W_dec.detach().clone()
+        b_enc, b_dec = sae.b_enc.detach().clone(), sae.b_dec.detach().clone()
+        if sae.cfg.normalize_activations == "expected_average_only_in":
+            mu = sae.activation_mean.detach().to(W_enc.dtype)
+            b_dec = b_dec + mu
+            if not sae.cfg.apply_b_dec_to_input:
+                # fp64 for the fold: the 1e-5 match with SAELens must not depend on d_in's rounding
+                b_enc = (b_enc.double() - mu.double() @ W_enc.double()).to(b_enc.dtype)
+    return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+
+
+def export_saelens(sae: SparseAutoencoder, folder: str | Path, model_name: str, hook_name: str) -> Path:
+    """Write SAELens' format into folder: cfg.json + sae_weights.safetensors. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = sae.cfg
+    normalize = "layer_norm" if cfg.normalize_activations == "layer_norm" else "none"
+    saelens_cfg = {
+        "architecture": "topk" if cfg.activation == "topk" else "standard",
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": normalize,
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": model_name,
+            "hook_name": hook_name,
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": SAELENS_VERSION,
+            "exported_by": "saetron",
+        },
+    }
+    if cfg.activation == "topk":
+        saelens_cfg["k"] = cfg.k
+        saelens_cfg["rescale_acts_by_decoder_norm"] = False
+    _save_tensors(saelens_state(sae), folder / SAELENS_WEIGHTS_FILE, {"format": "pt"})
+    _atomic_write_json(folder / SAELENS_CONFIG_FILE, saelens_cfg)
+    return folder

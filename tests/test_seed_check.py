@@ -1,0 +1,15 @@
+"""The seed's own check, as written, with saetron's import (d_model 7168, d_sae 57344)."""
+
+import torch
+
+from saetron.sae import SparseAutoencoder
+
+
+def test_seed_check_runs_as_written():
+    sae = SparseAutoencoder(7168, 57344, "expected_average_only_in", False)
+    x = torch.randn(10, 7168)
+    recon, feat, loss_dict = sae(x)
+    assert recon.shape == (10, 7168)
+    assert feat.shape == (10, 57344)
+    assert set(loss_dict) >= {"loss", "mse", "l1", "l0", "explained_variance"}
+    assert torch.isfinite(loss_dict["loss"])
