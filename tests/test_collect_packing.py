@@ -1,0 +1,40 @@
+"""Window packing: BOS at every window start, documents joined by EOS, and a resume from any window's stream
+state continues with exactly the windows that followed it."""
+
+import itertools
+
+import pytest
+from collect_fixtures import DOCS, _seed_and_offline, docs_jsonl, tiny_llama  # noqa: F401
+from transformers import AutoTokenizer
+
+from saetron.collect import packing
+from saetron.collect.data import EMBEDDED, open_text_stream
+from saetron.collect.packing import iter_windows
+
+CONTEXT = 16
+
+
+@pytest.mark.parametrize("source", ["jsonl", EMBEDDED])
+def test_resume_from_any_window(source, tiny_llama, docs_jsonl, monkeypatch):  # noqa: F811
+    # 3 documents per tokenizer call: windows cross call boundaries, and each resume stays cheap.
+    monkeypatch.setattr(packing, "DOCS_PER_CALL", 3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    dataset = docs_jsonl if source == "jsonl" else EMBEDDED
+    count = 40
+    windows = iter_windows(open_text_stream(dataset), tokenizer, CONTEXT, None, None)
+    whole = list(itertools.islice(windows, count))
+    assert all(len(w) == CONTEXT and w[0] == tokenizer.bos_token_id for w, _ in whole)
+    for k in range(0, count - 1, 3):  # every third window: a stream opens in ~0.15 s
+        resumed = iter_windows(open_text_stream(dataset), tokenizer, CONTEXT, None, whole[k][1])
+        window, state = next(resumed)
+        assert window == whole[k + 1][0], f"resumed after window {k}"
+        assert state == whole[k + 1][1]
+
+
+def test_windows_are_the_documents_joined_by_eos(tiny_llama, docs_jsonl):  # noqa: F811
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    windows = [w for w, _ in iter_windows(open_text_stream(docs_jsonl), tokenizer, CONTEXT, None, None)]
+    stream = [t for w in windows for t in w[1:]]  # drop each window's BOS
+    want = [t for doc in DOCS for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [1]]
+    assert len(want) - len(stream) < CONTEXT - 1  # only the tail shorter than a window is dropped
+    assert stream == want[: len(stream)]
