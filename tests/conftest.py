@@ -1,10 +1,18 @@
-"""Shared test set-up: a fixed seed for every test (STYLE.md: seeds in an autouse fixture)."""
+"""Shared test set-up: the Triton interpreter on CPU machines, and a fixed seed for every test."""
 
+import os
 import random
 
-import numpy as np
-import pytest
 import torch
+
+# Triton fixes interpreted vs compiled when it is first imported (its own tl.sum/tl.topk included),
+# so on a machine without CUDA the interpreter is switched on here, before any test module
+# imports triton. The AOT audit compiles in a subprocess with the variable unset.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
