@@ -37,14 +37,26 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from saetron.kernels.dispatch import (
+    BackendUnavailable,
+    DensityGate,
+    backend_ops,
+    dense_width_threshold,
+    log_once,
+    requested_backend,
+    resolve_backend,
+)
 from saetron.kernels.reference import (
     activate_ref,
     normalize_rows_ref,
     remove_parallel_grad_ref,
+    sparse_code_ref,
 )
 from saetron.kernels.sparse_code import SparseCode
 
 from .config import SAEConfig
+from .losses import explained_variance_of
+from .sparse_forward import sparse_forward
 
 LAYER_NORM_EPS = 1e-5  # SAELens' value, so a layer_norm SAE exports to SAELens unchanged.
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -71,6 +83,8 @@ class SparseAutoencoder(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {BACKENDS}")
         self.backend = backend
+        # sparse-path state: auto's dense choice, ReLU capacity
+        self._density_gate = DensityGate(dense_width_threshold(d_sae))
         self.cfg = SAEConfig(
             d_in=d_in,
             d_sae=d_sae,
@@ -158,7 +172,9 @@ class SparseAutoencoder(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point input; got dtype {x.dtype}")
         x = x.reshape(-1, self.cfg.d_in)
-        if not bool(torch.isfinite(x).all()):
+        # One reduction first (any NaN/Inf makes the sum non-finite; an overflow of a finite sum only
+        # costs the full check), the per-element check only on suspicion.
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).any(-1).sum())
             raise ValueError(
                 f"input holds NaN or Inf in {bad} of {x.shape[0]} rows; clean the activations "
@@ -197,10 +213,31 @@ class SparseAutoencoder(nn.Module):
         """Activations f [B, d_sae] -> normalized reconstruction [B, d_in]."""
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """x [..., d_in] -> (reconstructed [B, d_in], features [B, d_sae] dense, loss_dict)."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | SparseCode, dict[str, Tensor]]:
+        """x [..., d_in] -> (reconstructed [B, d_in], features, loss_dict), on the backend `self.backend`.
+
+        `features` is dense [B, d_sae] on backend `reference` and a `SparseCode` (indices, values
+        [B, K]; `.to_dense(d_sae)` for the dense form) on every other backend, `auto` included: a
+        batch that auto's density gate sends to the dense path (early ReLU training) has its features
+        converted, so the type never changes mid-training. `fired_latents` takes either. The
+        loss_dict is the same on every backend.
+        """
         x = self._check_input(x)
         x = x.to(self.W_enc.dtype)
+        backend = resolve_backend(self.backend, x.device)
+        auto = requested_backend(self.backend) == "auto"  # auto may send a batch to the dense path
+        if backend != "reference":
+            out = sparse_forward(self, x, backend, self._density_gate, dense_fallback=auto)
+            if out is not None:
+                return out
+        reconstructed, features, loss_dict = self._reference_forward(x)
+        if auto:
+            self._density_gate.observe_dense(features)
+            return reconstructed, sparse_code_ref(features.detach()), loss_dict
+        return reconstructed, features, loss_dict
+
+    def _reference_forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The dense oracle (the seed's forward): x [B, d_in] -> (reconstructed, features, loss_dict)."""
         x_n, stats = self.normalize(x)
         features = self.encode(x_n)  # [B, d_sae]
         recon_n = self.decode(features)  # [B, d_in]
@@ -227,13 +264,30 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None:
             return
         W, G = _local(self.W_dec), _local(self.W_dec.grad)
-        G.copy_(remove_parallel_grad_ref(W, G))
+        backend = self._decoder_norm_backend(W.device)
+        if backend == "reference":
+            G.copy_(remove_parallel_grad_ref(W, G))
+        else:
+            backend_ops(backend).remove_parallel_grad_(W, G)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """After the optimizer step: every W_dec row back to unit L2 norm."""
         W = _local(self.W_dec)
-        W.copy_(normalize_rows_ref(W))
+        backend = self._decoder_norm_backend(W.device)
+        if backend == "reference":
+            W.copy_(normalize_rows_ref(W))
+        else:
+            backend_ops(backend).normalize_rows_(W)
+
+    def _decoder_norm_backend(self, device: torch.device) -> str:
+        """The forward's backend; a triton model whose weights sit on the CPU (just built, before
+        `.cuda()`) keeps its decoder in shape with the torch ops rather than failing."""
+        try:
+            return resolve_backend(self.backend, device)
+        except BackendUnavailable as err:
+            log_once("decoder-norm-torch", "decoder-norm ops on the torch backend: %s", err)
+            return "torch"
 
     # -- persistence (see saetron.sae.io) -------------------------------------------------------
 
@@ -244,11 +298,13 @@ class SparseAutoencoder(nn.Module):
         return save_sae(self, folder)
 
     @classmethod
-    def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> SparseAutoencoder:
+    def load(
+        cls, folder: str | Path, device: torch.device | str = "cpu", backend: str = "auto"
+    ) -> SparseAutoencoder:
         """Load what `save` wrote; a mismatched version, shape, missing tensor or bad file is a ValueError."""
         from .io import load_sae
 
-        return load_sae(folder, device=device)
+        return load_sae(folder, device=device, backend=backend)
 
     def export_saelens(self, folder: str | Path, model_name: str, hook_name: str) -> Path:
         """Write SAELens' on-disk format (`cfg.json` + `sae_weights.safetensors`), centering folded in."""
@@ -269,11 +325,3 @@ def fired_latents(features: Tensor | SparseCode, d_sae: int) -> Tensor:
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2 parameter or gradient), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def explained_variance_of(x: Tensor, reconstructed: Tensor) -> Tensor:
-    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a batch x, x_hat [B, d] (fp32 scalar)."""
-    x32, r32 = x.float(), reconstructed.float()
-    residual = (x32 - r32).pow(2).sum()
-    total = (x32 - x32.mean(0, keepdim=True)).pow(2).sum()
-    return 1.0 - residual / total.clamp_min(torch.finfo(torch.float32).tiny)
