@@ -93,8 +93,11 @@ def _read_config(path: Path) -> SAEConfig:
         raise ValueError(f"{path}: the config section is incomplete or has unknown fields ({err})") from err
 
 
-def load_sae(folder: str | Path, device: torch.device | str = "cpu") -> SparseAutoencoder:
-    """Load a folder written by `save_sae`; every problem is a ValueError naming the file."""
+def load_sae(
+    folder: str | Path, device: torch.device | str = "cpu", backend: str = "auto"
+) -> SparseAutoencoder:
+    """Load a folder written by `save_sae` onto `device`, running on `backend` (not part of the saved
+    config: it changes how, not what, the SAE computes); every problem is a ValueError naming the file."""
     from .model import SparseAutoencoder
 
     folder = Path(folder)
@@ -132,7 +135,7 @@ def load_sae(folder: str | Path, device: torch.device | str = "cpu") -> SparseAu
                 f"{weights}: tensor {name} has shape {tuple(tensors[name].shape)}, but {CONFIG_FILE} "
                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}; the two files belong to different SAEs"
             )
-    sae = SparseAutoencoder.from_config(cfg, device=device, dtype=tensors["W_enc"].dtype)
+    sae = SparseAutoencoder.from_config(cfg, device=device, dtype=tensors["W_enc"].dtype, backend=backend)
     with torch.no_grad():
         for name, value in tensors.items():
             getattr(sae, name).copy_(value)

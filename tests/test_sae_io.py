@@ -12,7 +12,9 @@ from saetron.sae.io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 
 
 def _trained_like(normalize="expected_average_only_in", apply_b_dec=False, activation="relu", k=None):
-    sae = SparseAutoencoder(24, 80, normalize, apply_b_dec, activation=activation, k=k, l1_coeff=1e-3)
+    sae = SparseAutoencoder(
+        24, 80, normalize, apply_b_dec, activation=activation, k=k, l1_coeff=1e-3, backend="reference"
+    )  # dense features: compared with SAELens' below
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.5)
@@ -26,7 +28,7 @@ def test_save_load_identity(tmp_path, activation, k):
     sae.save(tmp_path)
     assert (tmp_path / WEIGHTS_FILE).is_file() and (tmp_path / CONFIG_FILE).is_file()
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION
-    loaded = SparseAutoencoder.load(tmp_path)
+    loaded = SparseAutoencoder.load(tmp_path, backend="reference")
     assert loaded.cfg == sae.cfg
     for name, value in sae.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[name]), name

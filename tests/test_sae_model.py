@@ -9,6 +9,8 @@ from saetron.sae import SAEConfig, SparseAutoencoder
 from saetron.sae.model import LAYER_NORM_EPS
 
 NORMALIZATIONS = ["expected_average_only_in", "layer_norm", "none"]
+# Tests of the oracle's own semantics use backend="reference" (dense features [B, d_sae]); the other
+# backends are checked against it in test_backends_model.py.
 
 
 def test_init_shapes_unit_rows_and_transpose():
@@ -26,13 +28,15 @@ def test_init_shapes_unit_rows_and_transpose():
     assert sae.W_enc.abs().max() <= bound and sae.W_enc.abs().max() > 0.9 * bound
 
 
-def _identity_sae(d_in, normalize, apply_b_dec, activation="relu"):
+def _identity_sae(d_in, normalize, apply_b_dec, activation="relu", backend="reference"):
     """An SAE that represents every input exactly: W_enc = [I, -I], W_dec = [I; -I], so
     f = [relu(s), relu(-s)] and f @ W_dec = s for s = the encoder's input. With apply_b_dec the
     encoder sees x_n - b_dec and the decoder adds b_dec back, so b_dec may be non-zero; without
     it b_dec must be zero for the identity to hold."""
     k = d_in if activation == "topk" else None  # at most d_in of the 2 d_in latents are positive
-    sae = SparseAutoencoder(d_in, 2 * d_in, normalize, apply_b_dec, activation=activation, k=k)
+    sae = SparseAutoencoder(
+        d_in, 2 * d_in, normalize, apply_b_dec, activation=activation, k=k, backend=backend
+    )
     eye = torch.eye(d_in)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -46,10 +50,13 @@ def _identity_sae(d_in, normalize, apply_b_dec, activation="relu"):
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("apply_b_dec", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "topk"])
-def test_representable_input_is_reconstructed(normalize, apply_b_dec, activation):
-    sae = _identity_sae(24, normalize, apply_b_dec, activation)
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_representable_input_is_reconstructed(normalize, apply_b_dec, activation, backend):
+    sae = _identity_sae(24, normalize, apply_b_dec, activation, backend)
     x = torch.randn(32, 24) * 3 + 4
     recon, features, losses = sae(x)
+    if backend != "reference":
+        features = features.to_dense(48)
     if normalize == "layer_norm":
         # SAELens' convention: x_n = (x - mu) / (s + eps), recon = recon_n * s + mu, so an exact
         # recon_n gives recon - x = -(x - mu) * eps / (s + eps): bounded by max|x - mu| * eps / s.
@@ -66,7 +73,7 @@ def test_representable_input_is_reconstructed(normalize, apply_b_dec, activation
 
 def test_losses_by_hand():
     # d_in = 2, d_sae = 3, no normalization: every number below is computed by hand.
-    sae = SparseAutoencoder(2, 3, "none", False, l1_coeff=0.5)
+    sae = SparseAutoencoder(2, 3, "none", False, l1_coeff=0.5, backend="reference")
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, 1.0]]))
         sae.b_enc.copy_(torch.tensor([0.0, -1.0, 0.0]))
@@ -109,7 +116,7 @@ def test_layer_norm_mse_is_in_normalized_space():
 
 @pytest.mark.parametrize("k", [1, 5, 64])
 def test_topk_keeps_exactly_k(k):
-    sae = SparseAutoencoder(16, 64, "none", activation="topk", k=k)
+    sae = SparseAutoencoder(16, 64, "none", activation="topk", k=k, backend="reference")
     with torch.no_grad():
         sae.b_enc.fill_(100.0)  # every pre-activation positive: exactly k survive the ReLU
     _, f, losses = sae(torch.randn(12, 16))
@@ -118,7 +125,7 @@ def test_topk_keeps_exactly_k(k):
 
 
 def test_topk_survivors_are_the_largest():
-    sae = SparseAutoencoder(8, 40, "none", activation="topk", k=3)
+    sae = SparseAutoencoder(8, 40, "none", activation="topk", k=3, backend="reference")
     x = torch.randn(6, 8)
     _, f, _ = sae(x)
     pre = x @ sae.W_enc + sae.b_enc
@@ -173,7 +180,7 @@ def test_centering_is_by_activation_mean():
 
 
 def test_leading_dims_are_flattened():
-    sae = SparseAutoencoder(8, 16)
+    sae = SparseAutoencoder(8, 16, backend="reference")
     recon, f, _ = sae(torch.randn(2, 3, 8))
     assert recon.shape == (6, 8) and f.shape == (6, 16)
 
