@@ -1,25 +1,20 @@
 """SparseAutoencoder on the sparse backends against the reference backend: outputs, losses, gradients.
 
-The triton case runs the kernels under the interpreter on CPU: TRITON_INTERPRET=1 has to be set
-before triton's first import, hence the setdefault above the imports (as in tests/test_triton_*.py).
+The triton case runs the kernels under the interpreter on CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton's first import).
 """
 
 import logging
-import os
 import types
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import (see above)
-
-import pytest  # noqa: E402
-
-from saetron.kernels import dispatch, torch_sparse  # noqa: E402
-from saetron.kernels.dispatch import BackendUnavailable  # noqa: E402
-from saetron.kernels.sparse_code import SparseCode  # noqa: E402
-from saetron.sae import SparseAutoencoder, fired_latents  # noqa: E402
-from saetron.sae import sparse_forward as sparse_forward_module  # noqa: E402
+from saetron.kernels import dispatch, torch_sparse
+from saetron.kernels.dispatch import BackendUnavailable
+from saetron.kernels.sparse_code import SparseCode
+from saetron.sae import SparseAutoencoder, fired_latents
+from saetron.sae import sparse_forward as sparse_forward_module
 
 NORMALIZATIONS = ("expected_average_only_in", "layer_norm", "none")
 # Relative to the largest entry of the reference tensor (losses: relative to themselves).

@@ -1,9 +1,9 @@
 """Sparse decode Triton kernels (forward, dvalues, dW_dec sorted and atomic, dbias) vs sparse_decode_ref.
 
 Runs under the Triton interpreter on CPU: TRITON_INTERPRET=1 must be set before triton is first
-imported (triton builds its language interpreted or compiled at import), hence the setdefault above
-the imports; a CUDA machine runs the compiled kernels instead. Shapes stay small: each interpreted
-program instance costs ~10 ms.
+imported (triton builds its language interpreted or compiled at import): tests/conftest.py sets it;
+a CUDA machine runs the compiled kernels instead (tests/triton_support.py). Shapes stay small:
+each interpreted program instance costs ~10 ms.
 
 Tolerances. The oracle is the reference in fp32 on the same inputs (bf16 inputs upcast exactly).
   fp32: only the summation order differs; worst case n * eps = 576 * 6e-8 = 3.4e-5 of the terms'
@@ -15,40 +15,13 @@ Tolerances. The oracle is the reference in fp32 on the same inputs (bf16 inputs 
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from triton_support import DEVICE, assert_close
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import (see above)
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from saetron.kernels.reference import sparse_decode_ref  # noqa: E402
-from saetron.kernels.sparse_code import SparseCode  # noqa: E402
-from saetron.kernels.triton_common import interpreting  # noqa: E402
-from saetron.kernels.triton_decode import decode  # noqa: E402
-
-RTOL = {torch.float32: 1e-4, torch.bfloat16: 2.0**-7}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not interpreting():
-    raise RuntimeError(
-        "triton was imported before TRITON_INTERPRET=1 was set, so these CPU tests cannot interpret the "
-        "kernels: set os.environ.setdefault('TRITON_INTERPRET', '1') at the top of tests/conftest.py"
-    )
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    rtol = RTOL[dtype]
-    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * max(scale, 1e-6))
+from saetron.kernels.reference import sparse_decode_ref
+from saetron.kernels.sparse_code import SparseCode
+from saetron.kernels.triton_decode import decode
 
 
 def make_code(case: str, B: int, K: int, d_sae: int, dtype: torch.dtype) -> SparseCode:

@@ -1,7 +1,7 @@
 """Decoder-norm Triton kernels (remove_parallel_grad_, normalize_rows_) vs their references.
 
 Runs under the Triton interpreter on CPU: TRITON_INTERPRET=1 must be set before triton is first
-imported, hence the setdefault above the imports; a CUDA machine runs the compiled kernels.
+imported, set by tests/conftest.py; a CUDA machine runs the compiled kernels (tests/triton_support.py).
 
 Tolerances. The oracle is the reference on the same inputs (both compute in fp32).
   fp32: the row dot products and norms are summed in another order: n * eps = 576 * 6e-8 = 3.4e-5
@@ -12,35 +12,16 @@ Tolerances. The oracle is the reference on the same inputs (both compute in fp32
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from triton_support import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import (see above)
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from saetron.kernels.reference import normalize_rows_ref, remove_parallel_grad_ref  # noqa: E402
-from saetron.kernels.triton_common import interpreting  # noqa: E402
-from saetron.kernels.triton_decoder_norm import normalize_rows_, remove_parallel_grad_  # noqa: E402
+from saetron.kernels.reference import normalize_rows_ref, remove_parallel_grad_ref
+from saetron.kernels.triton_decoder_norm import normalize_rows_, remove_parallel_grad_
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2.0**-7}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not interpreting():
-    raise RuntimeError(
-        "triton was imported before TRITON_INTERPRET=1 was set, so these CPU tests cannot interpret the "
-        "kernels: set os.environ.setdefault('TRITON_INTERPRET', '1') at the top of tests/conftest.py"
-    )
 # (d_sae, d): d=576 (two BLOCK_D=512 steps, the second partial), rows not a multiple of BLOCK_M=4.
 SHAPES = [(37, 576), (6, 70), (1, 1)]
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def make(d_sae: int, d: int, dtype: torch.dtype):

@@ -1,9 +1,9 @@
 """Fused encode Triton kernel (relu and topk) and its backward (encoder backward) vs encode_ref.
 
 Runs under the Triton interpreter on CPU: TRITON_INTERPRET=1 must be set before triton is first
-imported (triton builds its language interpreted or compiled at import), hence the setdefault above
-the imports; a CUDA machine runs the compiled kernels. Shapes stay small (each interpreted program
-costs ~10 ms; tl.topk's sort network is the slow part, so topk cases use few row blocks).
+imported (triton builds its language interpreted or compiled at import): tests/conftest.py sets it;
+a CUDA machine runs the compiled kernels (tests/triton_support.py). Shapes stay small (each
+interpreted program costs ~10 ms; tl.topk's sort network is the slow part, so topk cases use few row blocks).
 
 Inputs are bf16-exact: x and shift are multiples of 1/8 in [-4, 4], so x - shift is exact in bf16
 and in fp32, and the kernel (which rounds x - shift to the input dtype, like the reference) sees the
@@ -19,40 +19,13 @@ Tolerances (the compared tensors are the dense activations and the gradients of 
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from triton_support import DEVICE, assert_close
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import (see above)
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-from saetron.kernels.reference import encode_ref  # noqa: E402
-from saetron.kernels.sparse_code import CapacityExceeded  # noqa: E402
-from saetron.kernels.triton_common import interpreting  # noqa: E402
-from saetron.kernels.triton_encode import encode  # noqa: E402
-
-RTOL = {torch.float32: 1e-4, torch.bfloat16: 2.0**-7}
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not interpreting():
-    raise RuntimeError(
-        "triton was imported before TRITON_INTERPRET=1 was set, so these CPU tests cannot interpret the "
-        "kernels: set os.environ.setdefault('TRITON_INTERPRET', '1') at the top of tests/conftest.py"
-    )
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    rtol = RTOL[dtype]
-    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * max(scale, 1e-6))
+from saetron.kernels.reference import encode_ref
+from saetron.kernels.sparse_code import CapacityExceeded
+from saetron.kernels.triton_encode import encode
 
 
 def make_inputs(case: str, B: int, d: int, d_sae: int, dtype: torch.dtype):
