@@ -89,23 +89,30 @@ def _batch() -> torch.Tensor:
 # -- providers: each returns a zero-argument training step -----------------------------------------
 
 
-def _ours_step(activation: str, backend: str):
-    src = _source_sae(activation)
-    sae = SparseAutoencoder(D_IN, D_SAE, "none", activation=activation, k=src.cfg.k, backend=backend)
-    sae.load_state_dict(src.state_dict())
+def _saetron_step(sae: SparseAutoencoder):
+    """One full training step of a saetron SAE on the shared batch -> (features, loss_dict): forward,
+    backward, decoder-norm projection, Adam, renormalization."""
     opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)  # fused: one kernel, ~4x the for-loop Adam
     x = _batch()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        _, _, loss_dict = sae(x)
+        _, features, loss_dict = sae(x)
         loss_dict["loss"].backward()
         sae.remove_parallel_decoder_grad()
         opt.step()
         sae.normalize_decoder()
-        return loss_dict["l0"]
+        return features, loss_dict
 
     return step
+
+
+def _ours_step(activation: str, backend: str):
+    src = _source_sae(activation)
+    sae = SparseAutoencoder(D_IN, D_SAE, "none", activation=activation, k=src.cfg.k, backend=backend)
+    sae.load_state_dict(src.state_dict())
+    step = _saetron_step(sae)
+    return lambda: step()[1]["l0"]
 
 
 def _saelens_step(activation: str):
@@ -237,19 +244,8 @@ def _relu_step(backend: str, b_enc: float):
     sae = SparseAutoencoder(D_IN, D_SAE, "none", activation="relu", backend=backend)
     with torch.no_grad():
         sae.b_enc.fill_(b_enc)
-    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)
-    x = _batch()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        _, features, loss_dict = sae(x)
-        loss_dict["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.normalize_decoder()
-        return features
-
-    return step
+    step = _saetron_step(sae)
+    return lambda: step()[0]
 
 
 @pytest.mark.parametrize("b_enc", SWEEP_B_ENC)

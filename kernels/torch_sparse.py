@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import ACTIVATIONS
 from .sparse_code import CapacityExceeded, SparseCode
 
-ACTIVATIONS = ("relu", "topk")
 # torch's CPU CSR matmul and sampled_addmm have no bf16/fp16 kernels (torch 2.13: "not implemented").
 _CPU_SPARSE_DTYPES = (torch.float32, torch.float64)
 # cuSPARSE expects each CSR row's column ids in ascending order; torch's CPU kernels do not (checked

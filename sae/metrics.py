@@ -24,16 +24,10 @@ from torch import Tensor
 from saetron.kernels.sparse_code import SparseCode
 
 from .distributed import all_reduce
+from .losses import firing_counts
 
 METRIC_KEYS = ("step", "loss", "mse", "l1", "l0", "explained_variance", "dead_fraction", "tokens_per_s", "lr")
 DENSITY_EPS = 1e-10  # SAELens' epsilon in log10(density + eps), so a never-firing latent reads -10
-
-
-def firing_counts(features: Tensor | SparseCode, d_sae: int) -> Tensor:
-    """Tokens on which each latent fired: int64 [d_sae], from dense features [B, d_sae] or a SparseCode."""
-    if isinstance(features, SparseCode):
-        return torch.bincount(features.indices[features.values > 0], minlength=d_sae)
-    return (features > 0).sum(0)
 
 
 class Metrics:

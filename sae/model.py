@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from saetron.kernels.dispatch import (
+    BACKENDS,
     BackendUnavailable,
     DensityGate,
     backend_ops,
@@ -59,7 +60,6 @@ from .losses import explained_variance_of
 from .sparse_forward import sparse_forward
 
 LAYER_NORM_EPS = 1e-5  # SAELens' value, so a layer_norm SAE exports to SAELens unchanged.
-BACKENDS = ("auto", "triton", "torch", "reference")
 
 
 class SparseAutoencoder(nn.Module):
@@ -311,15 +311,6 @@ class SparseAutoencoder(nn.Module):
         from .io import export_saelens
 
         return export_saelens(self, folder, model_name=model_name, hook_name=hook_name)
-
-
-def fired_latents(features: Tensor | SparseCode, d_sae: int) -> Tensor:
-    """Which latents fired in a batch: bool [d_sae], from dense features [B, d_sae] or a SparseCode."""
-    if isinstance(features, SparseCode):
-        fired = torch.zeros(d_sae, dtype=torch.bool, device=features.indices.device)
-        fired[features.indices[features.values > 0]] = True
-        return fired
-    return (features > 0).any(0)
 
 
 def _local(t: Tensor) -> Tensor:
