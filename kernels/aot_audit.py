@@ -61,6 +61,7 @@ class Spec:
     num_warps: int = 4
     num_stages: int = 2
     gemm: bool = False
+    mma: bool = False  # a segmented sum as small tensor-core products: mma.sync or wgmma, either will do
     grid: tuple[int, ...] = ()
 
 
@@ -93,23 +94,29 @@ def specs(d: int, d_sae: int, k: int, B: int, arch: str = "sm_90a") -> list[Spec
     p = f"*{DTYPE}"
     out: list[Spec] = []
     dec = dict(BLOCK_K=triton_decode.BLOCK_K, BLOCK_D=triton_decode.BLOCK_D)
+    fwd = dict(triton_decode.DECODE_FWD_CONFIG)
+    fwd_launch = dict(num_warps=fwd.pop("num_warps"), num_stages=fwd.pop("num_stages"))
     out.append(_spec("decode_fwd", triton_decode._sparse_decode_fwd_kernel, dict(
         indices_ptr="*i64", values_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p,
-        stride_idx_b=k, stride_w_m=d, stride_out_b=d, K=k, d=d), dec, (B, cdiv(d, dec["BLOCK_D"]))))
+        stride_idx_b=k, stride_w_m=d, stride_out_b=d, B=B, K=k, d=d), fwd,
+        (cdiv(B, fwd["BLOCK_B"]), cdiv(d, fwd["BLOCK_D"])), **fwd_launch))
     out.append(_spec("decode_dvalues", triton_decode._sparse_decode_dvalues_kernel, dict(
         indices_ptr="*i64", g_ptr=p, w_ptr=p, dvalues_ptr=p,
         stride_idx_b=k, stride_g_b=d, stride_w_m=d, K=k, d=d), dec, (B, cdiv(k, dec["BLOCK_K"]))))
     out.append(_spec("decode_dW_atomic", triton_decode._sparse_decode_dw_atomic_kernel, dict(
         indices_ptr="*i64", values_ptr=p, g_ptr=p, dw_ptr="*fp32",
         stride_idx_b=k, stride_g_b=d, stride_dw_m=d, K=k, d=d), dec, (B, cdiv(d, dec["BLOCK_D"]))))
-    ls = dict(BLOCK_N=triton_latent_sum.BLOCK_N, BLOCK_D=triton_latent_sum.BLOCK_D,
-              LATENTS=triton_latent_sum.LATENTS_GPU)
-    ls_grid = (cdiv(d_sae, ls["LATENTS"]), cdiv(d, ls["BLOCK_D"]))
-    for name, has_shift in (("decode_dW_sorted", False), ("encoder_dW_db", True)):
+    ls = dict(triton_latent_sum.LATENT_SUM_CONFIG)
+    ls_launch = dict(num_warps=ls.pop("num_warps"), num_stages=ls.pop("num_stages"))
+    ls_grid = (cdiv(d_sae, ls["BLOCK_L"]), cdiv(d, ls["BLOCK_D"]))
+    # dW_dec is row-major [d_sae, d]; dW_enc is written through the transpose of a [d, d_sae] tensor.
+    for name, has_shift, out_strides in (("decode_dW_sorted", False, (d, 1)),
+                                         ("encoder_dW_db", True, (1, d_sae))):
         out.append(_spec(name, triton_latent_sum._latent_row_sum_kernel, dict(
             rows_ptr=p, shift_ptr=p, weights_ptr=p, perm_ptr="*i64", offsets_ptr="*i64", out_ptr=p,
-            colsum_ptr="*fp32", stride_rows_b=d, stride_out_m=d, stride_out_d=1,
-            K=k, d=d, d_sae=d_sae), dict(HAS_SHIFT=has_shift, WRITE_COLSUM=has_shift, **ls), ls_grid))
+            colsum_ptr="*fp32", stride_rows_b=d, stride_out_m=out_strides[0], stride_out_d=out_strides[1],
+            K=k, d=d, d_sae=d_sae), dict(HAS_SHIFT=has_shift, WRITE_COLSUM=has_shift, DOT_DTYPE=tl.bfloat16,
+                                         PRECISION="ieee", **ls), ls_grid, mma=True, **ls_launch))
     gemv = dict(BLOCK_R=triton_encoder_bwd.GEMV_BLOCK_R, BLOCK_C=triton_encoder_bwd.GEMV_BLOCK_C)
     out.append(_spec("encoder_dshift_gemv", triton_encoder_bwd._gemv_kernel, dict(
         a_ptr=p, v_ptr="*fp32", out_ptr=p, stride_a_r=d_sae, R=d, C=d_sae, scale=-1.0),
@@ -218,6 +225,7 @@ def compile_spec(spec: Spec, arch: str, disk_cache: dict | None = None) -> dict:
         "regs": regs, "spill_bytes": spills, "stack": stack, "local": local,
         "smem_dynamic": int(compiled.metadata.shared), "smem_static": static_smem,
         "tensor_core": TENSOR_CORE_OP[arch] in ptx,
+        "mma_sync": "mma.sync" in ptx,
         "target": re.search(r"\.target (\S+)", ptx).group(1),
     }
     _CACHE[key] = result
@@ -244,13 +252,16 @@ def audit(use_disk_cache: bool = True) -> list[dict]:
                 if r["smem_dynamic"] + r["smem_static"] > SMEM_PER_SM[arch]:
                     total = r["smem_dynamic"] + r["smem_static"]
                     failures.append(f"smem {total} B > {SMEM_PER_SM[arch]} B per SM")
+                if spec.mma and not (r["tensor_core"] or r.get("mma_sync")):
+                    failures.append("no tensor-core instruction (wgmma or mma.sync) in the PTX")
                 if spec.gemm and not r["tensor_core"]:
                     failures.append(f"no {TENSOR_CORE_OP[arch]} in the PTX of a GEMM kernel")
                 programs = 1
                 for g in spec.grid:
                     programs *= g
                 rows.append({"shape": shape, "kernel": spec.name, "arch": arch, "gemm": spec.gemm,
-                             "warps": spec.num_warps, "stages": spec.num_stages, "programs": programs,
+                             "mma": spec.mma, "warps": spec.num_warps, "stages": spec.num_stages,
+                             "programs": programs,
                              **r, "failures": failures})
     if disk is not None:
         _save_disk_cache(disk)
@@ -263,6 +274,8 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         tc = (TENSOR_CORE_OP[r["arch"]] if r["tensor_core"] else "-") if r["gemm"] else "n/a"
+        if r.get("mma"):
+            tc = TENSOR_CORE_OP[r["arch"]] if r["tensor_core"] else ("mma.sync" if r.get("mma_sync") else "-")
         smem = (r["smem_dynamic"] + r["smem_static"]) / 1024
         status = "ok" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])
         lines.append(f"{r['shape']:<9} {r['kernel']:<24} {r['arch']:<7} {r['warps']:>5} {r['regs']:>4} "

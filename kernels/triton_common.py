@@ -93,10 +93,15 @@ def latent_csr(indices: Tensor, values: Tensor, d_sae: int) -> tuple[Tensor, Ten
     value is 0 (padding, inactive top-k picks) contribute nothing to any weight gradient and are
     left out; without this, a ReLU code's padding (all at latent 0) would serialize on one program.
     A stable sort keeps each latent's slots in token order, so the sums are deterministic.
+    offsets[i] = the number of kept keys below i, by a binary search of the sorted keys: no bincount,
+    whose CUDA version reads the largest key back to the host (a synchronization in the backward).
+    Cost at B*K = 524288 slots: a 32-bit-key radix sort (half the passes of int64 keys) and a
+    searchsorted of d_sae + 1 queries, ~0.1-0.2 ms on an H200 (estimated, unmeasured); built once for
+    dW_dec and once for dW_enc each step.
     """
-    keys = torch.where(values != 0, indices, torch.full_like(indices, d_sae)).reshape(-1)  # [B*K]
+    sentinel = torch.full_like(indices, d_sae)
+    keys = torch.where(values != 0, indices, sentinel).reshape(-1).to(torch.int32)  # [B*K]
     sorted_keys, perm = torch.sort(keys, stable=True)
-    counts = torch.bincount(sorted_keys, minlength=d_sae + 1)[:d_sae]  # [d_sae]
-    offsets = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    bounds = torch.arange(d_sae + 1, dtype=torch.int32, device=indices.device)  # [d_sae + 1]
+    offsets = torch.searchsorted(sorted_keys, bounds)  # [d_sae + 1] int64: first position of key >= i
     return perm, offsets

@@ -28,8 +28,13 @@ from torch import Tensor
 from .triton_common import check_float, check_indices, latent_csr, launch
 from .triton_latent_sum import latent_row_sum
 
-BLOCK_K = 16  # slots per step: a [16, BLOCK_D] gathered tile of W_dec rows in flight
-BLOCK_D = 256  # fp32 accumulator of 256 columns per program (8 per thread at 4 warps)
+BLOCK_K = 16  # dvalues, atomic dW: slots per step, a [16, BLOCK_D] gathered tile of W_dec rows
+BLOCK_D = 256  # dvalues, atomic dW: columns per step (8 per thread at 4 warps)
+# Forward: 32 tokens x 64 columns per program (a [32, 64] fp32 accumulator, 16 values per thread),
+# UNROLL=4 slots a step: four [32, 64] gathers (128-byte row pieces, two 16-byte loads per thread
+# each) in flight. The grid runs token blocks fastest, so the programs in flight read the same few
+# 64-column strips of W_dec (d_sae * 128 bytes = 7 MiB each at d_sae=57344): the gathers hit L2.
+DECODE_FWD_CONFIG = {"BLOCK_B": 32, "BLOCK_D": 64, "UNROLL": 4, "num_warps": 4, "num_stages": 1}
 DW_MODES = ("sorted", "atomic")
 
 
@@ -43,26 +48,32 @@ def _sparse_decode_fwd_kernel(
     stride_idx_b,
     stride_w_m,
     stride_out_b,
+    B,
     K,
     d,
-    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B] tokens
+    mask_b = offs_b < B
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     mask_d = offs_d < d
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        idx = tl.load(indices_ptr + pid_b * stride_idx_b + offs_k, mask=mask_k, other=0)  # [BLOCK_K]
-        v = tl.load(values_ptr + pid_b * stride_idx_b + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        # Zero-valued slots (padding, inactive top-k picks) add nothing: their row is not fetched.
-        w = tl.load(w_ptr + idx[:, None] * stride_w_m + offs_d[None, :],
-                    mask=(mask_k & (v != 0.0))[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(v[:, None] * w, axis=0)
-    acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid_b * stride_out_b + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+    code_row = offs_b.to(tl.int64) * stride_idx_b  # [BLOCK_B]
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for j0 in range(0, K, UNROLL):
+        # UNROLL independent gathers per step: their loads are in flight together.
+        for u in tl.static_range(UNROLL):
+            mask_j = mask_b & (offs_b * 0 + j0 + u < K)  # [BLOCK_B] (a tensor: the interpreter wants one)
+            idx = tl.load(indices_ptr + code_row + j0 + u, mask=mask_j, other=0)  # [BLOCK_B]
+            v = tl.load(values_ptr + code_row + j0 + u, mask=mask_j, other=0.0).to(tl.float32)
+            # Zero-valued slots (padding, inactive top-k picks) add nothing: their row is not fetched.
+            w = tl.load(w_ptr + idx[:, None] * stride_w_m + offs_d[None, :],
+                        mask=(v != 0.0)[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_B, BLOCK_D]
+            acc += v[:, None] * w.to(tl.float32)
+    acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_b.to(tl.int64)[:, None] * stride_out_b + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -142,9 +153,11 @@ def sparse_decode_fwd(indices: Tensor, values: Tensor, W_dec: Tensor, bias: Tens
     B, K, d_sae, d = _check(indices, values, W_dec)
     check_float("bias", bias, (d,), W_dec.dtype)
     out = torch.empty(B, d, dtype=W_dec.dtype, device=W_dec.device)
-    launch(_sparse_decode_fwd_kernel, (B, triton.cdiv(d, BLOCK_D)), W_dec.device,
-           indices, values, W_dec, bias, out, indices.stride(0), W_dec.stride(0), out.stride(0), K, d,
-           BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4)
+    cfg = DECODE_FWD_CONFIG
+    launch(_sparse_decode_fwd_kernel, (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(d, cfg["BLOCK_D"])),
+           W_dec.device, indices, values, W_dec, bias, out, indices.stride(0), W_dec.stride(0),
+           out.stride(0), B, K, d, BLOCK_B=cfg["BLOCK_B"], BLOCK_D=cfg["BLOCK_D"], UNROLL=cfg["UNROLL"],
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

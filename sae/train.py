@@ -37,6 +37,7 @@ from .data import ActivationStore, BatchLoader, ShuffleOrder, check_batch_size, 
 from .distributed import DistEnv, init_distributed, shard_model, shutdown_distributed
 from .metrics import Metrics, MetricsFile, format_line
 from .model import SparseAutoencoder
+from .optim import SAEAdam
 from .train_config import TrainConfig, field_docs
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr
 
 
-def train_step(model: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
                cfg: TrainConfig, step: int, lr: float):
     """One optimizer step on this rank's batch x [b, d_in] -> (loss, reconstructed, features, loss_dict)."""
     for group in optimizer.param_groups:
@@ -72,8 +73,8 @@ def train_step(model: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: to
         loss = loss_dict["loss"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    model.remove_parallel_decoder_grad()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    # The norm of the gradients as Adam uses them (W_dec's projected), its clip applied inside step().
+    grad_norm = optimizer.clip_grad_norm_(cfg.max_grad_norm or math.inf)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     # The norm is global (all ranks' gradients), so every rank takes the same branch: no rank is left
@@ -83,8 +84,7 @@ def train_step(model: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: to
             f"step {step}: loss {loss.item()} / gradient norm {grad_norm.item()} is not finite; stopped "
             "before the optimizer step (the last checkpoint is intact). Lower --lr, raise --lr_warmup_steps "
             "or check the activations for outliers, then --resume latest")
-    optimizer.step()
-    model.normalize_decoder()
+    optimizer.step()  # W_dec: decoder-parallel projection, Adam, renormalization (sae/optim.py)
     return loss, reconstructed, features, loss_dict
 
 
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     if sae_cfg.normalize_activations == "expected_average_only_in" and ckpt is None:
         model.estimate_activation_mean(stats_batches(store, order, cfg.stats_tokens))
     shard_model(model.to(env.device), env, compute_dtype)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = SAEAdam(model, lr=cfg.lr)
     metrics = Metrics(cfg.d_sae, store.d_model, cfg.batch_size, cfg.dead_window,
                       max(0, total_steps - math.ceil(cfg.dead_window / cfg.batch_size)), env.device)
 
