@@ -38,7 +38,14 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import triton_decode, triton_decoder_norm, triton_encode, triton_encoder_bwd, triton_latent_sum
+from . import (
+    triton_adam,
+    triton_decode,
+    triton_decoder_norm,
+    triton_encode,
+    triton_encoder_bwd,
+    triton_latent_sum,
+)
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 SMEM_PER_BLOCK = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}  # opt-in dynamic maximum per block
@@ -150,6 +157,21 @@ def specs(d: int, d_sae: int, k: int, B: int, arch: str = "sm_90a") -> list[Spec
     out.append(_spec("decoder_normalize_rows", triton_decoder_norm._normalize_rows_kernel, dict(
         w_ptr="*fp32", stride_w_m=d, m=d_sae, d=d),
         dict(EPS=triton_decoder_norm.EPS, **dn), (cdiv(d_sae, dn["BLOCK_M"]),)))
+    # The optimizer on the trainer's fp32 master weights and states (W_enc flat, W_dec row by row).
+    f32, hyper = "*fp32", dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-4, bc2_sqrt=0.5)
+    n = d * d_sae
+    out.append(_spec("adam", triton_adam._adam_kernel, dict(
+        p_ptr=f32, g_ptr=f32, m_ptr=f32, v_ptr=f32, scale_ptr=f32, n=n, **hyper),
+        dict(HAS_SCALE=True, BLOCK=triton_adam.ADAM_BLOCK), (cdiv(n, triton_adam.ADAM_BLOCK),)))
+    row = triton_adam._row_launch(d)
+    row_consts = dict(TINY=triton_adam.TINY, BLOCK_D=row["BLOCK_D"])
+    out.append(_spec("decoder_adam", triton_adam._decoder_adam_kernel, dict(
+        w_ptr=f32, g_ptr=f32, m_ptr=f32, v_ptr=f32, scale_ptr=f32, stride_w=d, stride_g=d, stride_m=d,
+        stride_v=d, d=d, **hyper), dict(HAS_SCALE=True, EPS_NORM=triton_adam.EPS_NORM, **row_consts),
+        (d_sae,), num_warps=row["num_warps"]))
+    out.append(_spec("decoder_grad_sq", triton_adam._decoder_grad_sq_kernel, dict(
+        w_ptr=f32, g_ptr=f32, out_ptr=f32, stride_w=d, stride_g=d, d=d), row_consts, (d_sae,),
+        num_warps=row["num_warps"]))
     return out
 
 

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 KERNELS = {
     "decode_fwd", "decode_dvalues", "decode_dW_atomic", "decode_dW_sorted", "encoder_dW_db",
     "encoder_dshift_gemv", "encode_relu", "encode_topk", "decoder_remove_parallel", "decoder_normalize_rows",
+    "adam", "decoder_adam", "decoder_grad_sq",
 }
 GEMM_KERNELS = {"encode_relu", "encode_topk"}
+MMA_KERNELS = {"decode_dW_sorted", "encoder_dW_db"}  # segmented sums as tensor-core products
 SMEM_PER_BLOCK = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
 
 
@@ -60,3 +62,5 @@ def test_gemm_kernels_use_tensor_cores(rows):
     for r in rows:
         if r["kernel"] in GEMM_KERNELS:
             assert r["tensor_core"], f"{r['kernel']} {r['arch']}: no tensor-core instruction in the PTX"
+        if r["kernel"] in MMA_KERNELS:
+            assert r["tensor_core"] or r["mma_sync"], f"{r['kernel']} {r['arch']}: no mma in the PTX"

@@ -3,7 +3,7 @@
 The oracle, step by step on a copy of the same model and gradients: reference.remove_parallel_grad_ref
 on W_dec.grad, torch.nn.utils.clip_grad_norm_, torch.optim.Adam.step, reference.normalize_rows_ref.
 Both backends: `torch` (torch ops) and `triton` (the kernels of kernels/triton_adam.py, under the
-Triton interpreter on CPU, compiled on a GPU).
+Triton interpreter on CPU, compiled on a GPU, where the models live on the GPU).
 
 Tolerances. fp32: the two sides differ only in the order of the row reductions (<G_i, W_i>,
 ||W_i||^2, the norms): n * eps = 576 * 6e-8 = 3.5e-5 relative in the worst case, ~1e-6 in
@@ -24,6 +24,7 @@ import math
 
 import pytest
 import torch
+from triton_support import DEVICE
 
 from saetron.kernels.reference import normalize_rows_ref, remove_parallel_grad_ref
 from saetron.sae import SparseAutoencoder
@@ -35,7 +36,7 @@ BACKENDS = ["torch", "triton"]
 
 def _model(d_in: int, d_sae: int, dtype: torch.dtype) -> SparseAutoencoder:
     torch.manual_seed(0)
-    sae = SparseAutoencoder(d_in, d_sae, "none", activation="topk", k=4, dtype=dtype)
+    sae = SparseAutoencoder(d_in, d_sae, "none", activation="topk", k=4, dtype=dtype, device=DEVICE)
     with torch.no_grad():
         sae.W_dec[1].zero_()  # a zero decoder row: its gradient is used unprojected (no direction)
         sae.b_enc.normal_()
@@ -48,8 +49,8 @@ def _set_grads(sae: SparseAutoencoder, step: int) -> None:
     for name, p in sae.named_parameters():
         grad = torch.randn(p.shape, generator=g)
         if name == "W_dec":
-            grad += 3.0 * p.detach().float()
-        p.grad = grad.to(p.dtype)
+            grad += 3.0 * p.detach().float().cpu()
+        p.grad = grad.to(DEVICE, p.dtype)
 
 
 def _reference_step(sae: SparseAutoencoder, opt: torch.optim.Adam, max_norm: float) -> torch.Tensor:
