@@ -10,7 +10,9 @@ here). Two workloads, each with its providers side by side in one process:
                       (b_enc = -3.1: Kaiming pre-activations have std ~1.4 on unit inputs, so ~1.4% fire)
 Every provider starts from the same weights and sees the same batch. Each provider's step is what
 its own trainer does per batch:
-    ours, reference   model(x); loss.backward(); remove_parallel_decoder_grad(); Adam; normalize_decoder()
+    ours, reference   the trainer's step (saetron.sae.train.train_step): model(x), loss.backward(), the
+                      gradient norm of the decoder-projected gradients and clipping at 1.0, SAEAdam
+                      (Adam; W_dec's projection and renormalization fused in)
     SAELens           SAETrainer.step(x): training_forward_pass, firing statistics, backward,
                       clip_grad_norm_, Adam, zero_grad, lr scheduler (its trainer keeps no unit-norm
                       decoder: TopK rescales by the norm, standard puts it into the L1 term)
@@ -35,6 +37,9 @@ import pytest
 import torch
 
 from saetron.sae import SparseAutoencoder
+from saetron.sae.optim import SAEAdam
+from saetron.sae.train import train_step
+from saetron.sae.train_config import TrainConfig
 
 # sparsify imports its Triton decoder when triton is installed, which needs CUDA: on CPU use its
 # eager decoder (F.embedding_bag), as its own switch allows.
@@ -90,18 +95,16 @@ def _batch() -> torch.Tensor:
 
 
 def _saetron_step(sae: SparseAutoencoder):
-    """One full training step of a saetron SAE on the shared batch -> (features, loss_dict): forward,
-    backward, decoder-norm projection, Adam, renormalization."""
-    opt = torch.optim.Adam(sae.parameters(), lr=LR, fused=True)  # fused: one kernel, ~4x the for-loop Adam
+    """One full training step of a saetron SAE on the shared batch -> (features, loss_dict): the
+    trainer's own step (train_step: forward, backward, clipping of the decoder-projected gradients,
+    SAEAdam with the renormalization)."""
+    opt = SAEAdam(sae, lr=LR)
+    cfg = TrainConfig(data_dir="-", output_dir="-", d_sae=D_SAE, activation=sae.cfg.activation, k=sae.cfg.k,
+                      batch_size=BATCH, lr=LR)
     x = _batch()
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        _, features, loss_dict = sae(x)
-        loss_dict["loss"].backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.normalize_decoder()
+        _, _, features, loss_dict = train_step(sae, opt, x, cfg, 0, LR)
         return features, loss_dict
 
     return step

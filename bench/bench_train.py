@@ -21,6 +21,7 @@ from saetron.sae.config import SAEConfig
 from saetron.sae.data import ActivationStore, BatchLoader, ShuffleOrder
 from saetron.sae.distributed import init_distributed, shard_model, shutdown_distributed
 from saetron.sae.model import SparseAutoencoder
+from saetron.sae.optim import SAEAdam
 from saetron.sae.train import train_step
 from saetron.sae.train_config import TrainConfig
 
@@ -47,7 +48,7 @@ def setup(tmp_path_factory):
     model = SparseAutoencoder.from_config(SAEConfig(D_MODEL, D_SAE, activation="topk", k=K))
     compute = torch.bfloat16 if CUDA else torch.float32
     shard_model(model.to(env.device), env, compute)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = SAEAdam(model, lr=cfg.lr)
     yield cfg, store, order, model, optimizer, env
     shutdown_distributed()
 

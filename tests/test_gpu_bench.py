@@ -1,0 +1,62 @@
+"""The GPU benchmark's command in a CPU dry run: every section's code path, before a GPU run spends budget.
+
+`bash bench/gpu/run.sh --dry-run` runs the table, profile, kernels and train sections at tiny shapes on
+CPU (the Triton kernels interpreted) exactly as the GPU run does at full size, and writes the same
+JSON. ~40-70 s on 2 cores: most of it Python start-ups and the interpreted encode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_bench")
+    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "BENCH_WORK": str(out / "work"),
+           "SECTIONS": "table profile kernels train", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu" / "run.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def test_dry_run_passes_every_section(dry_run):
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    for section in ("table", "profile", "kernels", "train"):
+        assert f"section {section}: exit 0" in proc.stdout
+    assert "== step table" in proc.stdout and "== trainer:" in proc.stdout
+
+
+def test_dry_run_writes_the_results(dry_run):
+    _, out = dry_run
+    table = json.loads((out / "step_table.json").read_text())
+    providers = {r["provider"]: r for r in table["records"]}
+    expected = {"cublas_gemm", "saetron_auto", "saetron_triton", "saetron_reference", "sparsify"}
+    assert set(providers) == expected
+    for name, r in providers.items():
+        assert "error" not in r and "skipped" not in r, (name, r)
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
+        if name.startswith("saetron"):
+            assert r["l0"] == pytest.approx(r["k"]), name
+    kernels = json.loads((out / "kernels.json").read_text())
+    names = {r["kernel"] for r in kernels["rows"]}
+    assert {"latent_csr", "decode_fwd", "decode_dvalues", "dW_dec", "dW_enc", "decoder_adam", "adam_W_enc",
+            "saeadam_clip_step", "unfused_clip_step"} <= names
+    assert all(r["rel_err"] < 1e-2 for r in kernels["rows"] if "rel_err" in r), "a launch config disagrees"
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["rows"] and profile["table"]
+    train = json.loads((out / "train.json").read_text())
+    assert train["tokens_per_s"] > 0 and [r["step"] for r in train["records"]] == [2, 4, 6]
+    files = {p.name for p in out.iterdir() if p.is_file()}
+    assert files <= {"env.json", "run.log", "step_table.json", "profile.json", "kernels.json", "train.json",
+                     "tests.txt"}, "the device tool returns at most 8 files from $OUT"
