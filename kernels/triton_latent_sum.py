@@ -11,9 +11,10 @@ For a SparseCode (indices, weights) [B, K] grouped by latent (see `triton_common
 The work. The CSR lists the active slots sorted by latent, token order within a latent. A program
 owns BLOCK_L consecutive latents and BLOCK_D columns; their slots form one contiguous range of the
 sorted list, [offsets[l0], offsets[l0 + BLOCK_L]), which it walks in dense chunks of BLOCK_N slots
-across latent boundaries (a latent has ~9 slots at d_sae=57344, k=64, B=8192: one latent per
-program left most lanes of each chunk idle and the time to the loads' latency). Each chunk is a
-segmented sum, done as a small matrix product on the tensor cores:
+across latent boundaries (a latent has ~9 slots at d_sae=57344, k=64, B=8192: with one latent per
+program most lanes of each chunk were idle and most of the time went to waiting on dependent loads,
+16.2 ms on an H200 against a ~2 ms floor). Each chunk is a segmented sum, done as a small matrix
+product on the tensor cores:
 
     acc[BLOCK_L, BLOCK_D] += S[BLOCK_L, BLOCK_N] @ R[BLOCK_N, BLOCK_D]
     R[n, :] = rows[token of slot n, d block]                     (the gathered rows)
@@ -49,7 +50,8 @@ from .triton_common import check_float, dot_dtypes, latent_csr, launch
 # columns: a [16, 256] fp32 accumulator (32 values per thread at 4 warps); 32-slot chunks: a
 # [32, 256] bf16 gathered tile (16 KiB: 512-byte row pieces in 16-byte cp.async copies). At the seed's
 # shape a program walks ~146 slots (5 chunks); 3584 x 28 programs. Registers (AOT audit, sm_90a):
-# 96, so 5 programs (80 KiB of gathers) in flight per SM; 32 latents x 128 columns took 124-168.
+# 96 with triton 3.9, 117-119 with 3.6: 4-5 programs (64-80 KiB of gathers) in flight per SM;
+# 32 latents x 128 columns took 124-168. bench/gpu/kernels.py times the alternatives.
 LATENT_SUM_CONFIG = {"BLOCK_L": 16, "BLOCK_N": 32, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3}
 
 

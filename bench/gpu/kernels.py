@@ -19,7 +19,7 @@ import torch
 
 from saetron.kernels import triton_adam, triton_decode, triton_latent_sum
 from saetron.kernels.triton_common import latent_csr
-from saetron.kernels.triton_decode import sparse_decode_dvalues, sparse_decode_fwd
+from saetron.kernels.triton_decode import sparse_decode_dvalues, sparse_decode_dw, sparse_decode_fwd
 from saetron.kernels.triton_decoder_norm import normalize_rows_, remove_parallel_grad_
 from saetron.kernels.triton_latent_sum import latent_row_sum
 
@@ -30,7 +30,7 @@ PREDICTED_MS = {"latent_csr": 0.2, "decode_fwd": 1.5, "decode_dvalues": 1.6, "dW
                 "unfused_clip_step": 10.5}
 LATENT_SUM_VARIANTS = [  # (BLOCK_L, BLOCK_N, BLOCK_D, num_warps, num_stages); the first is the default
     (16, 32, 256, 4, 3), (32, 64, 128, 4, 3), (32, 32, 128, 4, 3), (16, 64, 128, 4, 3), (16, 32, 256, 4, 2),
-    (16, 32, 256, 8, 3), (16, 32, 128, 4, 3)]
+    (16, 32, 256, 8, 3), (16, 64, 256, 8, 3)]
 DECODE_FWD_VARIANTS = [  # (BLOCK_B, BLOCK_D, UNROLL, num_warps)
     (32, 64, 4, 4), (16, 128, 4, 4), (32, 128, 2, 4), (64, 64, 2, 4), (32, 64, 8, 4), (16, 64, 4, 4)]
 
@@ -134,6 +134,10 @@ def gather_kernels(rec: Recorder, shape, dev: torch.device, sweep: int) -> None:
         finally:
             triton_latent_sum.LATENT_SUM_CONFIG.clear()
             triton_latent_sum.LATENT_SUM_CONFIG.update(sum_cfg)
+    # The atomic alternative (one program per token adding into an fp32 buffer; nondeterministic
+    # order): zero-fill, read-modify-writes in L2, the cast.
+    rec.time("dW_dec_atomic", lambda: sparse_decode_dw(indices, values, g, d_sae, mode="atomic"),
+             B * row_bytes + d_sae * d * (4 + 4 + 4 + 2), gathered)
     dW_enc = torch.empty(d, d_sae, device=dev, dtype=bf)
     colsum = torch.empty(d_sae, device=dev)
     rec.time("dW_enc", lambda: latent_row_sum(x, indices, values, d_sae, dW_enc.t(), shift=shift,
