@@ -39,6 +39,8 @@ def test_dry_run_passes_every_section(dry_run):
 
 def test_dry_run_writes_the_results(dry_run):
     _, out = dry_run
+    env = json.loads((out / "env.json").read_text())
+    assert env["saetron_from"].endswith("/saetron/kernels"), "saetron must come from run.sh's symlink tree"
     table = json.loads((out / "step_table.json").read_text())
     providers = {r["provider"]: r for r in table["records"]}
     expected = {"cublas_gemm", "saetron_auto", "saetron_triton", "saetron_reference", "sparsify"}

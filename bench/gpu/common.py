@@ -113,6 +113,16 @@ def environment() -> dict:
     return env
 
 
+def format_kernel_row(r: dict) -> str:
+    """One line of the kernels section (bench/gpu/kernels.py's rows)."""
+    pred = f"{r['predicted_ms']:.2f}" if r.get("predicted_ms") else "-"
+    floor = f"{r['floor_ms']:.2f}" if r.get("floor_ms") else "-"
+    cfg = f" {r['config']}" if r.get("config") else ""
+    check = f" rel_err {r['rel_err']:.1e}" if "rel_err" in r else ""
+    return (f"{r['kernel']:<18} {r['ms']:8.3f} ms  predicted {pred:>5}  HBM floor {floor:>5}  "
+            f"{r['hbm_gbs']:7.0f} GB/s HBM  {r['gather_gbs']:7.0f} GB/s gathered{cfg}{check}")
+
+
 # -- the training steps of the providers ---------------------------------------------------------
 
 

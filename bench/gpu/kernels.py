@@ -52,17 +52,8 @@ class Recorder:
         if self.ceiling:
             row["floor_ms"] = hbm_bytes / (self.ceiling * 1e6)
         self.rows.append(row)
-        print(format_row(row), flush=True)
+        print(common.format_kernel_row(row), flush=True)
         return row
-
-
-def format_row(r: dict) -> str:
-    pred = f"{r['predicted_ms']:.2f}" if r.get("predicted_ms") else "-"
-    floor = f"{r['floor_ms']:.2f}" if r.get("floor_ms") else "-"
-    cfg = f" {r['config']}" if r.get("config") else ""
-    check = f" rel_err {r['rel_err']:.1e}" if "rel_err" in r else ""
-    return (f"{r['kernel']:<18} {r['ms']:8.3f} ms  predicted {pred:>5}  HBM floor {floor:>5}  "
-            f"{r['hbm_gbs']:7.0f} GB/s HBM  {r['gather_gbs']:7.0f} GB/s gathered{cfg}{check}")
 
 
 def copy_ceiling(dev: torch.device, reps: int) -> float | None:

@@ -41,6 +41,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
         .whl/*.whl && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} || el "wheel install failed"
 fi
 SHIM=$(mktemp -d)
+trap 'rm -rf "$SHIM"' EXIT
 mkdir -p "$SHIM/saetron"
 for pkg in kernels sae collect; do ln -s "$REPO/$pkg" "$SHIM/saetron/$pkg"; done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
@@ -54,7 +55,9 @@ fi
 import json, os, sys
 sys.path.insert(0, "bench/gpu")
 import common
+import saetron.kernels
 env = common.environment()
+env["saetron_from"] = os.path.dirname(saetron.kernels.__file__)  # the symlink tree, not an install
 print("env:", env)
 json.dump(env, open(os.path.join(os.environ["OUT"], "env.json"), "w"), indent=1)
 EOF
@@ -87,10 +90,8 @@ for s in $SECTIONS; do
     esac
     el "section $s: exit ${RC[$s]} after $(( $(date +%s) - t )) s"
 done
-rm -rf "$SHIM"
-
 "$PY" - <<'EOF'
-"""The summary last (the device tool returns the end of the output)."""
+"""The summary last (the device tool returns the end of the output); it imports no saetron module."""
 import json, os, sys
 sys.path.insert(0, "bench/gpu")
 out = os.environ["OUT"]
@@ -105,10 +106,10 @@ if table:
     print("\n== step table\n" + step_table.table(table["records"]))
 kern = load("kernels.json")
 if kern:
-    import kernels
+    import common
     print(f"\n== kernels (copy ceiling {kern['copy_ceiling_gbs'] or 0:,.0f} GB/s)")
     for r in kern["rows"]:
-        print(kernels.format_row(r))
+        print(common.format_kernel_row(r))
 prof = load("profile.json")
 if prof:
     print(f"\n== profile: top device time per step (ms), of {prof['steps']} steps")
