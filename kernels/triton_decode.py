@@ -6,12 +6,14 @@
                dbias         = sum_b g[b, :]                                               # [d]
 
 with g = dL/drecon [B, d]. No dense [B, d_sae] tensor and no B x d_sae x d product: the work is
-B*K row gathers of d elements per pass. dW_dec has two implementations:
-  - "sorted" (default): slots grouped by latent (torch.sort), one program per latent, no atomics,
-    deterministic; see triton_latent_sum.py.
+B*K row gathers of d elements per pass. The forward's program owns a block of tokens and a strip of
+columns and accumulates with plain FMAs (no cross-thread reduction). dW_dec has two implementations:
+  - "sorted" (default): slots grouped by latent (torch.sort), a block of latents per program, the
+    segmented sums on the tensor cores, no atomics, deterministic; see triton_latent_sum.py.
   - "atomic": one program per (token, d block) adding v * g into an fp32 buffer with atomics; no
     sort but nondeterministic summation order, and an fp32 [d_sae, d] buffer plus a cast.
-Speed cannot be compared without a GPU; the AOT audit reports both kernels' resources.
+bench/gpu/kernels.py times both (and the forward's launch configs) on a GPU; bench/gpu/NOTES.md has
+their byte counts and predicted times.
 
 Shapes: indices [B, K] int64, values [B, K], W_dec [d_sae, d], bias [d]. One float dtype for
 values, W_dec and bias (fp32, bf16 or fp16); loads upcast to fp32, fp32 accumulation, outputs in
@@ -62,7 +64,7 @@ def _sparse_decode_fwd_kernel(
     code_row = offs_b.to(tl.int64) * stride_idx_b  # [BLOCK_B]
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for j0 in range(0, K, UNROLL):
-        # UNROLL independent gathers per step: their loads are in flight together.
+        # UNROLL independent gathers per step, so their loads can be in flight together.
         for u in tl.static_range(UNROLL):
             mask_j = mask_b & (offs_b * 0 + j0 + u < K)  # [BLOCK_B] (a tensor: the interpreter wants one)
             idx = tl.load(indices_ptr + code_row + j0 + u, mask=mask_j, other=0)  # [BLOCK_B]
