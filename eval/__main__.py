@@ -39,11 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
             kw["action"] = "store_true"
         elif typing.get_origin(kind) is typing.Literal:
             kw["choices"] = typing.get_args(kind)
+        elif hint is not kind and kind is not str:  # `int | None`: `none` passes None
+            kw["type"] = _or_none(kind)
         else:
             kw["type"] = kind
         parser.add_argument(f"--{name}", **kw)
     parser.add_argument("--log_level", default="INFO", help="logging level")
     return parser
+
+
+def _or_none(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,7 +29,7 @@ class EvalConfig:
     num_shards: int | None = None
     """Shards to read from --first_shard on; None: all the rest."""
     max_tokens: int | None = 1_000_000
-    """Rows evaluated at most (the first ones of the chosen shards); None: all of them."""
+    """Rows evaluated at most (the first ones of the chosen shards); None (`--max_tokens none`): all."""
     batch_size: int = 4096
     """Rows per SAE forward."""
     backend: Backend = "auto"
@@ -53,7 +53,7 @@ class EvalConfig:
     ce_windows: int = 16
     """Context windows run through the model three times (clean, spliced, zero-ablated)."""
     model_batch_size: int = 4
-    """Windows per model forward (memory: 3 x batch x context x vocabulary floats of logits)."""
+    """Windows per model forward (memory: about 5 x batch x context x vocabulary floats of logits)."""
     dtype: DType = "auto"
     """Model compute dtype; auto: bfloat16 on GPU, float32 on CPU."""
     report: bool = False

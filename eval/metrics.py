@@ -3,7 +3,7 @@
 Two passes over the same rows x_i [d_in] (N rows, sums in float64, x̂_i the SAE's reconstruction):
 
     pass 1, `RowStats`:  mu = (1/N) sum_i x_i, every ||x_i|| (4 bytes a row) -> median_norm
-    pass 2, `ReconstructionMetrics`:
+    pass 2, `ReconstructionMetrics` (and 4 bytes a row for the per-token FVU):
 
     explained_variance   1 - sum_i ||x_i - x̂_i||^2 / (sum_i ||x_i||^2 - ||sum_i x_i||^2 / N)
                          SAELens >= 6.45 (evals.ExplainedVarianceCalculator): pooled over all rows,
@@ -43,7 +43,7 @@ def pooled_explained_variance(sum_x: Tensor, sum_sq: float, residual: float, n: 
     """
     if n == 0:
         return float("nan")
-    total = sum_sq / n - float((sum_x / n).pow(2).sum())
+    total = sum_sq / n - float((sum_x.double() / n).pow(2).sum())
     mse = residual / n
     if total < 1e-10:
         return 1.0 if mse < 1e-10 else 0.0
@@ -51,86 +51,93 @@ def pooled_explained_variance(sum_x: Tensor, sum_sq: float, residual: float, n: 
 
 
 class RowStats:
-    """Pass 1: the mean row and every row's norm, for the per-token FVU and the typical-row cut."""
+    """Pass 1: the mean row and every row's norm, for the per-token FVU and the typical-row cut.
+    Sums stay on the rows' device (float64); only the norms [n] go to the host per chunk."""
 
     def __init__(self, d_in: int) -> None:
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.d_in = d_in
+        self.sum_x: Tensor | None = None  # [d_in] float64
         self.norms: list[Tensor] = []
 
+    @torch.no_grad()
     def update(self, x: Tensor) -> None:
         """x [n, d_in]."""
-        x64 = x.detach().to("cpu", torch.float64)
-        self.sum_x += x64.sum(0)
-        self.norms.append(x64.norm(dim=-1).float())
+        x64 = x.detach().double()
+        self.sum_x = x64.sum(0) if self.sum_x is None else self.sum_x + x64.sum(0)
+        self.norms.append(x64.norm(dim=-1).float().cpu())
 
     @property
     def rows(self) -> int:
         return sum(len(n) for n in self.norms)
 
     def mean(self) -> Tensor:
-        """mu [d_in] float64."""
-        return self.sum_x / max(self.rows, 1)
+        """mu [d_in] float64 (on the rows' device)."""
+        return self.sum_x / max(self.rows, 1) if self.sum_x is not None else torch.zeros(self.d_in).double()
 
     def median_norm(self) -> float:
         return float(np.median(torch.cat(self.norms).numpy())) if self.norms else float("nan")
 
 
 class ReconstructionMetrics:
-    """Pass 2: sums over (x, x̂, L0 per row) chunks; `compute()` gives the JSON-ready figures."""
+    """Pass 2: sums over (x, x̂, L0 per row) chunks; `compute()` gives the JSON-ready figures.
+    The sums stay on the device of the rows (float64): no host round trip per chunk but the
+    per-token FVU [n] and L0 counts."""
+
+    # columns of `sums`, for all rows (row 0) and the typical rows (row 1)
+    SQ, RESID, ROWS, COSSIM, L2_RATIO, DOT, RECON_SQ = range(7)
 
     def __init__(self, d_in: int, d_sae: int, mean: Tensor, norm_cut: float) -> None:
         self.d_in, self.d_sae = d_in, d_sae
-        self.mean = mean.to(torch.float64)  # [d_in], from RowStats
+        self.mean = mean.double()  # [d_in], from RowStats
         self.norm_cut = norm_cut
         self.l0_counts = torch.zeros(d_sae + 1, dtype=torch.int64)  # rows with L0 = 0..d_sae
         self.fvu_per_token: list[Tensor] = []
-        # [all rows, typical rows] x (sum ||x||^2, sum ||x - x̂||^2, rows), and sum x of each
-        self.sums = torch.zeros(2, 3, dtype=torch.float64)
-        self.sum_x = torch.zeros(2, d_in, dtype=torch.float64)
-        self.cossim = self.l2_ratio = self.dot = self.recon_sq = 0.0
+        self.sums = torch.zeros(2, 7, dtype=torch.float64, device=mean.device)
+        self.sum_x = torch.zeros(2, d_in, dtype=torch.float64, device=mean.device)  # of all, typical rows
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, l0: Tensor) -> None:
-        """x, x_hat [n, d_in] (input units), l0 [n] active latents per row."""
-        x64, r64 = x.detach().to("cpu", torch.float64), x_hat.detach().to("cpu", torch.float64)
+        """x, x_hat [n, d_in] (input units, on mean's device), l0 [n] active latents per row."""
+        x64, r64 = x.detach().double(), x_hat.detach().double()
         resid = (x64 - r64).pow(2).sum(-1)  # [n]
         sq = x64.pow(2).sum(-1)  # [n]
+        dot = (x64 * r64).sum(-1)  # [n]
         norm_x, norm_r = sq.sqrt(), r64.norm(dim=-1)  # [n]
-        typical = norm_x < self.norm_cut  # [n]
-        for k, rows in enumerate((torch.ones_like(typical), typical)):
-            self.sums[k] += torch.stack([sq[rows].sum(), resid[rows].sum(), rows.sum().double()])
-            self.sum_x[k] += x64[rows].sum(0)
-        centered = (x64 - self.mean).pow(2).sum(-1)  # [n]
-        self.fvu_per_token.append((resid / centered.clamp_min(1e-30)).float())
         safe_x = torch.where(norm_x < TINY_NORM, torch.ones_like(norm_x), norm_x)
         safe_r = torch.where(norm_r < TINY_NORM, torch.ones_like(norm_r), norm_r)
-        self.cossim += float(((x64 * r64).sum(-1) / (safe_x * safe_r)).sum())
-        self.l2_ratio += float((norm_r / safe_x).sum())
-        self.dot += float((x64 * r64).sum())
-        self.recon_sq += float(r64.pow(2).sum())
+        per_row = torch.stack([sq, resid, torch.ones_like(sq), dot / (safe_x * safe_r), norm_r / safe_x, dot,
+                               norm_r.pow(2)], dim=1)  # [n, 7]
+        typical = (norm_x < self.norm_cut).double()  # [n]
+        self.sums += torch.stack([per_row.sum(0), typical @ per_row])
+        self.sum_x += torch.stack([x64.sum(0), typical @ x64])
+        centered = (x64 - self.mean).pow(2).sum(-1)  # [n]
+        self.fvu_per_token.append((resid / centered.clamp_min(1e-30)).float().cpu())
         self.l0_counts += torch.bincount(l0.detach().cpu().long(), minlength=self.d_sae + 1)
 
     def compute(self) -> dict:
         """The figures of the module docstring (plain floats and lists)."""
-        (sq, resid, n), (sq_t, resid_t, n_t) = self.sums.tolist()
-        n, n_t = int(n), int(n_t)
-        ev = pooled_explained_variance(self.sum_x[0], sq, resid, n)
-        ev_t = pooled_explained_variance(self.sum_x[1], sq_t, resid_t, n_t)
+        sums, sum_x = self.sums.cpu(), self.sum_x.cpu()
+        n, n_t = int(sums[0, self.ROWS]), int(sums[1, self.ROWS])
+        total = sums[0].tolist()
+        ev = pooled_explained_variance(sum_x[0], total[self.SQ], total[self.RESID], n)
+        ev_t = pooled_explained_variance(sum_x[1], float(sums[1, self.SQ]), float(sums[1, self.RESID]), n_t)
         fvu = torch.cat(self.fvu_per_token).numpy() if self.fvu_per_token else np.zeros(0, np.float32)
         l0_values = torch.arange(self.d_sae + 1, dtype=torch.float64)
         top = int(self.l0_counts.nonzero().max()) if n else 0
+        per = max(n, 1)
         return {
             "tokens": n,
             "explained_variance": ev,
             "fvu": 1.0 - ev,
             "fvu_per_token_quantiles": {str(q): float(np.quantile(fvu, q)) for q in FVU_QUANTILES}
             if n else {},
-            "mse": resid / max(n, 1),
-            "mse_per_element": resid / max(n, 1) / self.d_in,
-            "cossim": self.cossim / max(n, 1),
-            "l2_ratio": self.l2_ratio / max(n, 1),
-            "relative_reconstruction_bias": self.recon_sq / self.dot if self.dot else float("nan"),
-            "l0": float((self.l0_counts.double() * l0_values).sum()) / max(n, 1),
+            "mse": total[self.RESID] / per,
+            "mse_per_element": total[self.RESID] / per / self.d_in,
+            "cossim": total[self.COSSIM] / per,
+            "l2_ratio": total[self.L2_RATIO] / per,
+            "relative_reconstruction_bias": total[self.RECON_SQ] / total[self.DOT] if total[self.DOT]
+            else float("nan"),
+            "l0": float((self.l0_counts.double() * l0_values).sum()) / per,
             "l0_histogram": self.l0_counts[: top + 1].tolist(),
             "typical_tokens": n_t,
             "explained_variance_typical": ev_t,

@@ -34,9 +34,12 @@ def density_png(log10_density: np.ndarray, tokens: int) -> bytes:
     lowest = np.log10(1.0 / max(tokens, 1))  # one firing in the evaluated tokens
     bins = np.linspace(min(lowest, live.min(initial=lowest)) - 0.25, 0.0, 41)
     ax.hist(live, bins=bins, color="#3b7dd8", label=f"live ({len(live)})")
-    if dead.any():
-        ax.bar([lowest - 0.6], [int(dead.sum())], width=0.3, color="#c0392b",
-               label=f"never fired ({int(dead.sum())})")
+    if dead.any():  # a bar of its own left of the axis' range, its tick labelled "never"
+        never = bins[0] - 0.6
+        n_dead = int(dead.sum())
+        ax.bar([never], [n_dead], width=0.3, color="#c0392b", label=f"never fired ({n_dead})")
+        ticks = [t for t in range(int(np.floor(bins[0])), 1) if t >= bins[0]]
+        ax.set_xticks([never, *ticks], ["never", *map(str, ticks)])
     ax.set_xlabel(f"log10 feature density (over {tokens:,} tokens)")
     ax.set_ylabel("latents")
     ax.set_title("Feature density")

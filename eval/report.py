@@ -134,13 +134,14 @@ h1 { font-size: 1.6em; }
 h2 { font-size: 1.25em; margin-top: 2em; border-top: 1px solid #ddd; padding-top: .8em; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { padding: 2px 10px; text-align: left; }
 th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .plots img { max-width: 49%; border: 1px solid #eee; }
 .example { font-family: ui-monospace, monospace; white-space: pre-wrap; margin: 3px 0; padding: 3px 6px;
            border-left: 3px solid #f0a040; background: #fcfcfc; }
 .example .act { color: #888; display: inline-block; min-width: 5.5em; }
 .tok { border-radius: 2px; } .tok.center { outline: 2px solid #c0392b; font-weight: bold; }
-td.snip { font-family: ui-monospace, monospace; white-space: pre; font-size: 12px; }
+td.snip { font-family: ui-monospace, monospace; white-space: pre; font-size: 12px; max-width: 480px;
+          overflow: hidden; text-overflow: ellipsis; }
 .gap { color: #bbb; } .logits span { font-family: ui-monospace, monospace; background: #eef; margin: 0 2px;
         padding: 0 3px; } .logits .neg { background: #fee; } .muted { color: #777; } a { color: #1a5fb4; }
 """
@@ -181,7 +182,7 @@ def _card_html(card: FeatureCard) -> str:
             f'{_logits_html(card)}<h3>Top activations</h3>{examples or "<p>none</p>"}</section>')
 
 
-def _snippet(card: FeatureCard, side: int = 6) -> str:
+def _snippet(card: FeatureCard, side: int = 5) -> str:
     """The top example's active token with `side` tokens each side, the token in bold."""
     if not card.examples:
         return ""
@@ -194,11 +195,11 @@ def _snippet(card: FeatureCard, side: int = 6) -> str:
 def _index_rows(cards: list[FeatureCard]) -> str:
     rows = []
     for c in cards:
-        logits = " ".join(_esc(t) for t, _ in c.logit_top[:5])
+        logits = "".join(f"<span>{_esc(t)}</span>" for t, _ in c.logit_top[:5])
         rows.append(f'<tr><td><a href="#latent-{c.latent}">{c.latent}</a></td>'
                     f'<td class="num">{c.density:.3e}</td><td class="num">{c.count}</td>'
                     f'<td class="num">{c.max_activation:.4g}</td><td class="snip">{_snippet(c)}</td>'
-                    f'<td><code>{logits}</code></td></tr>')
+                    f'<td class="logits">{logits}</td></tr>')
     head = ("<tr><th>latent</th><th>density</th><th>tokens</th><th>max act.</th><th>top example</th>"
             "<th>top logits</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"

@@ -46,19 +46,20 @@ DEFINITIONS = {
 def evaluate_reconstruction(sae, batches: Batches, *, outlier_factor: float = 10.0,
                             top_k: int = 0) -> tuple[dict, FeatureStats]:
     """Metrics over every row of `batches()` and the per-latent stats (top_k rows kept per latent)."""
+    device = sae.W_enc.device
     rows = RowStats(sae.d_in)
     for x in batches():
-        rows.update(x)
+        rows.update(x.to(device))
     if rows.rows == 0:
         raise ValueError("no rows to evaluate: the store (or the held-out slice) is empty; collect more "
                          "tokens or choose other shards")
     median = rows.median_norm()
     recon = ReconstructionMetrics(sae.d_in, sae.d_sae, rows.mean(), outlier_factor * median)
     stats = FeatureStats(sae.d_sae, top_k)
-    device = sae.W_enc.device
     with torch.no_grad():
         for x in batches():
-            reconstructed, features, _ = sae(x.to(device))
+            x = x.to(device)
+            reconstructed, features, _ = sae(x)
             l0 = stats.update(features, stats.rows)
             recon.update(x, reconstructed, l0)
     metrics = recon.compute()

@@ -85,3 +85,12 @@ def test_held_out_status(tmp_path, sae_dir):
     assert held_out(trained, open_store(other), 10)["held_out"] is True
     (sae_dir / "train_config.json").unlink()
     assert held_out(trained_on(sae_dir), open_store(other), 10)["held_out"] is None
+
+
+def test_cli_max_tokens(tmp_path, sae_dir):
+    argv = ["--sae", str(sae_dir), "--data_dir", str(tmp_path / "train_store"),
+            "--output_dir", str(tmp_path / "o")]
+    assert main([*argv, "--max_tokens", "none"])["tokens"] == 70
+    result = main([*argv, "--max_tokens", "25", "--batch_size", "10"])
+    assert result["tokens"] == 25 and result["held_out"] is False
+    assert (tmp_path / "o" / "density.png").stat().st_size > 0 and (tmp_path / "o" / "l0_hist.png").is_file()
