@@ -11,6 +11,7 @@ PACKAGE_DIRS = {
     "saetron.kernels": "kernels",
     "saetron.sae": "sae",
     "saetron.collect": "collect",
+    "saetron.eval": "eval",
 }
 
 setup(
@@ -36,11 +37,13 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
         "pilot": ["gguf>=0.10", "accelerate>=0.30"],
         "peers": ["sae-lens>=6", "eai-sparsify>=1.1"],
+        "eval": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
             "saetron-collect=saetron.collect.__main__:main",
             "saetron-train=saetron.sae.train:main",
+            "saetron-eval=saetron.eval.__main__:main",
         ],
     },
 )

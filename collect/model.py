@@ -1,10 +1,12 @@
-"""Model loading truncated after the target layer, and the hook that captures one layer's activations."""
+"""Model loading (truncated after the target layer, or whole), and the hook on one layer's activations:
+capture (the collector) or splice (evaluation, a replacement such as an SAE's reconstruction)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +74,9 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def load_model(spec: str, target_layer: int, dtype_name: str = "auto", device: str | None = None,
-               revision: str | None = None) -> LoadedModel:
-    """Load the tokenizer and the model with only layers 0..target_layer (later ones never loaded)."""
+               revision: str | None = None, all_layers: bool = False) -> LoadedModel:
+    """Load the tokenizer and the model with only layers 0..target_layer (later ones never loaded), or
+    with every layer when `all_layers` (evaluation runs the model to its logits)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path, gguf_file = resolve_model(spec)
@@ -90,7 +93,8 @@ def load_model(spec: str, target_layer: int, dtype_name: str = "auto", device: s
         raise ValueError(
             f"--target_layer {target_layer}: {spec} has {n_layers} layers; pick 0..{n_layers - 1}"
         )
-    config.num_hidden_layers = target_layer + 1  # later layers are never allocated, loaded or run
+    if not all_layers:
+        config.num_hidden_layers = target_layer + 1  # later layers are never allocated, loaded or run
     device_map = None  # CPU: load in place
     if dev.type == "cuda":  # straight onto the GPU(s), never staged in host memory
         device_map = "auto" if device is None and torch.cuda.device_count() > 1 else {"": dev}
@@ -100,7 +104,7 @@ def load_model(spec: str, target_layer: int, dtype_name: str = "auto", device: s
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     input_device = model.get_input_embeddings().weight.device
     sha = revision or getattr(config, "_commit_hash", None) or "local"
-    logger.info("loaded %s: %d of %d layers, d_model %d, %s on %s", spec, target_layer + 1, n_layers,
+    logger.info("loaded %s: %d of %d layers, d_model %d, %s on %s", spec, config.num_hidden_layers, n_layers,
                 config.hidden_size, dtype, input_device)
     return LoadedModel(model, tokenizer, find_layers(model), config.hidden_size, dtype, input_device, sha)
 
@@ -115,14 +119,17 @@ def _first(output):
 
 
 class LayerHook:
-    """Captures `hook_point` of `layers[L]` and stops the forward right after it.
+    """Captures `hook_point` of `layers[L]` and stops the forward right after it; or, with `splice`,
+    replaces it by `splice(activations)` and lets the forward run to the end.
 
-    Use as a context manager; after `run(input_ids [B, T])`, returns activations [B, T, d_model].
+    Use as a context manager. Capture: `run(input_ids [B, T])` returns activations [B, T, d_model].
+    Splice: `splice` maps [B, T, d_model] to the same shape and dtype; call the model yourself.
     """
 
-    def __init__(self, layers: nn.ModuleList, target_layer: int, hook_point: str):
+    def __init__(self, layers: nn.ModuleList, target_layer: int, hook_point: str,
+                 splice: Callable[[torch.Tensor], torch.Tensor] | None = None):
         layer = layers[target_layer]
-        self.hook_point = hook_point
+        self.hook_point, self.splice = hook_point, splice
         self.captured: torch.Tensor | None = None
         if hook_point == "resid_pre":
             self._handles = [layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
@@ -138,14 +145,23 @@ class LayerHook:
             self._handles = [sub.register_forward_hook(self._capture_hook)]
         else:
             self._handles = [layer.register_forward_hook(self._capture_hook)]
-        self._handles.append(layer.register_forward_hook(self._stop_hook))
+        if splice is None:
+            self._handles.append(layer.register_forward_hook(self._stop_hook))
 
     def _pre_hook(self, module, args, kwargs):
         self.captured = args[0] if args else kwargs["hidden_states"]
-        raise StopForward
+        if self.splice is None:
+            raise StopForward
+        if args:
+            return (self.splice(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.splice(kwargs["hidden_states"])}
 
     def _capture_hook(self, module, args, output):
         self.captured = _first(output)
+        if self.splice is not None:
+            spliced = self.splice(self.captured)
+            return (spliced, *output[1:]) if isinstance(output, tuple | list) else spliced
+        return None
 
     def _stop_hook(self, module, args, output):
         raise StopForward

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SAETRON_VENV:-.venv}
 PY=${PYTHON:-python3}
-EXTRAS=${SAETRON_EXTRAS:-dev,pilot,peers}
+EXTRAS=${SAETRON_EXTRAS:-dev,pilot,peers,eval}
 
 stamp="$VENV/.saetron-setup"
 want="$(cat setup.py pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $EXTRAS"

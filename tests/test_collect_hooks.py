@@ -112,3 +112,36 @@ def test_bad_layer_and_hook_point(tiny_llama):  # noqa: F811
         load_model(tiny_llama, target_layer=4)
     with pytest.raises(ValueError, match="hook_point='resid_mid'"):
         CollectConfig(model=tiny_llama, target_layer=0, output_dir="x", hook_point="resid_mid")
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_deepseek"])
+def test_splice_replaces_the_hooked_activation(arch, request):
+    """Splice mode runs the whole model with the hook point's output replaced: identity changes nothing;
+    scaling resid_pre of layer L is scaling resid_post of layer L - 1; a change at mlp_out matters."""
+    loaded = load_model(request.getfixturevalue(arch), target_layer=2, all_layers=True)
+    assert len(loaded.layers) == 4  # every layer: the forward runs to the logits
+    input_ids = torch.randint(3, 300, (2, 16))
+
+    def logits(layer=None, point=None, fn=None):
+        if fn is None:
+            return loaded.model(input_ids=input_ids, use_cache=False).logits
+        with LayerHook(loaded.layers, layer, point, splice=fn):
+            return loaded.model(input_ids=input_ids, use_cache=False).logits
+
+    with torch.inference_mode():
+        clean = logits()
+        for point in ("resid_pre", "attn_out", "mlp_out", "resid_post"):
+            torch.testing.assert_close(logits(2, point, lambda h: h), clean, rtol=0, atol=0)
+        half = lambda h: 0.5 * h
+        torch.testing.assert_close(logits(2, "resid_pre", half), logits(1, "resid_post", half),
+                                   rtol=1e-6, atol=1e-6)  # the same tensor scaled: only rounding differs
+        assert not torch.allclose(logits(2, "mlp_out", half), clean, atol=1e-3)
+
+
+def test_splice_keeps_tuple_outputs():
+    """A layer returning a 1-tuple gets a 1-tuple back: zeroing layer 1's output leaves layer 2's bias."""
+    input_ids = torch.arange(10).view(2, 5)
+    for as_tuple in (False, True):
+        model = _Model(as_tuple=as_tuple)
+        with torch.no_grad(), LayerHook(model.layers, 1, "resid_post", splice=torch.zeros_like):
+            torch.testing.assert_close(model(input_ids), model.layers[2].bias.expand(2, 5, 8))

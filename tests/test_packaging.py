@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import saetron.collect
+import saetron.eval
 import saetron.kernels
 import saetron.sae
 
@@ -34,7 +35,8 @@ def test_wheel_holds_only_saetron_packages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"saetron"}  # never top-level kernels/collect/bench (they collide on PyPI)
-    for module in ("saetron/sae/model.py", "saetron/kernels/reference.py", "saetron/collect/__init__.py"):
+    for module in ("saetron/sae/model.py", "saetron/kernels/reference.py", "saetron/collect/__init__.py",
+                   "saetron/eval/run.py"):
         assert module in names
     # saetron is a namespace package: no saetron/__init__.py that could shadow another distribution
     assert "saetron/__init__.py" not in names
@@ -44,3 +46,4 @@ def test_import_names_map_to_the_folders():
     assert Path(saetron.sae.__file__).parent == ROOT / "sae"
     assert Path(saetron.kernels.__file__).parent == ROOT / "kernels"
     assert Path(saetron.collect.__file__).parent == ROOT / "collect"
+    assert Path(saetron.eval.__file__).parent == ROOT / "eval"
