@@ -65,11 +65,11 @@ def train_step(model: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: to
     for group in optimizer.param_groups:
         group["lr"] = lr
     reconstructed, features, loss_dict = model(x)
-    if cfg.activation == "relu":  # the model's loss, mse + l1, with the l1 term warmed up
-        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
-        loss = loss_dict["mse"] + l1_scale * loss_dict["l1"]
-    else:
-        loss = loss_dict["loss"]
+    loss = loss_dict["loss"]
+    architecture = model.architecture
+    if architecture.sparsity_in_loss and cfg.l1_warmup_steps:  # the sparsity term warmed up
+        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)
+        loss = loss - (1.0 - l1_scale) * loss_dict[architecture.sparsity_key]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     model.remove_parallel_decoder_grad()
