@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .backend import check_encode_args, pre_activations
-from .selection import BatchTopK, RowTopK, Selection, SelectionRule, threshold_values
-from .sparse_code import CapacityExceeded, SparseCode
+from .selection import BatchTopK, RowTopK, Selection, SelectionRule, pack_rows, threshold_values
+from .sparse_code import SparseCode
 
 
 def select_mask_ref(pre: Tensor, rule: SelectionRule) -> Tensor:
@@ -49,22 +49,11 @@ def select_mask_ref(pre: Tensor, rule: SelectionRule) -> Tensor:
 def selection_from_mask(pre: Tensor, mask: Tensor, width: int | None) -> Selection:
     """Gather the True entries of mask [B, m] per token into a Selection [B, K], differentiably.
 
-    K = width (CapacityExceeded when a token has more), else the widest token (at least 1); slot order
-    within a token carries no meaning.
+    K = width (CapacityExceeded when a token has more), else the widest token (at least 1); a token's
+    entries in ascending latent order, then padding.
     """
-    counts = mask.sum(1)  # [B]
-    widest = int(counts.max()) if mask.shape[0] else 0
-    if width is not None and widest > width:
-        raise CapacityExceeded(widest, width)
-    K = width if width is not None else max(1, widest)
-    picks = min(K, mask.shape[1])
-    indices = torch.topk(mask.to(torch.int8), picks, dim=1, sorted=False).indices  # every True, then Falses
-    valid = mask.gather(1, indices)  # [B, picks]
-    if picks < K:  # a capacity wider than d_sae: padding columns
-        indices = torch.nn.functional.pad(indices, (0, K - picks))
-        valid = torch.nn.functional.pad(valid, (0, K - picks))
-    indices = torch.where(valid, indices, 0)
-    return Selection(indices, torch.where(valid, pre.gather(1, indices), 0), valid)
+    rows, latents = mask.nonzero(as_tuple=True)  # row-major: grouped by token
+    return pack_rows(rows, latents, pre[rows, latents], mask.shape[0], width)
 
 
 def encode(x: Tensor, shift: Tensor, W_enc: Tensor, b_enc: Tensor, rules: Sequence[SelectionRule], *,

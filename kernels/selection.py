@@ -127,12 +127,12 @@ def check_rules(rules: Sequence[SelectionRule], d_sae: int, device: torch.device
 
 def threshold_values(rule: Threshold, d_sae: int, device: torch.device) -> Tensor:
     """theta - margin as fp32 [d_sae] (a vector theta) or [1] (a float or 0-d theta)."""
-    theta = rule.theta if isinstance(rule.theta, Tensor) else torch.tensor(float(rule.theta))
+    theta = rule.theta.detach() if isinstance(rule.theta, Tensor) else torch.tensor(float(rule.theta))
     return (theta.to(device, torch.float32).reshape(-1) - float(rule.margin)).contiguous()
 
 
 def pack_rows(rows: Tensor, latents: Tensor, pre: Tensor, B: int, capacity: int | None) -> Selection:
-    """Entries (rows, latents, pre) [n], sorted by row, into a Selection [B, K].
+    """Entries (rows, latents, pre) [n], sorted by row, into a Selection [B, K] (differentiable in pre).
 
     K = capacity (CapacityExceeded when a row has more), else the widest row (at least 1).
     Reads the widest row's count from the device (one synchronization).
