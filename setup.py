@@ -10,6 +10,7 @@ from setuptools import setup
 PACKAGE_DIRS = {
     "saetron.kernels": "kernels",
     "saetron.sae": "sae",
+    "saetron.sae.architectures": "sae/architectures",
     "saetron.collect": "collect",
     "saetron.eval": "eval",
 }

@@ -13,7 +13,7 @@ Read back:
   - tensor-core instructions in the PTX: `wgmma.mma_async` (sm_90a) or `mma.sync` (sm_80).
 Checks (any failure makes `main` exit 1): no spills; dynamic shared memory within the per-block
 opt-in limit (227 KiB sm_90, 163 KiB sm_80) and dynamic + static within the SM (228 / 164 KiB);
-the GEMM-shaped kernels (the fused encode) use tensor cores.
+the GEMM-shaped kernels (none today: the encoder GEMM is cuBLAS) use tensor cores.
 
 Shapes change runtime integers, not constexprs (every production size is a multiple of 16, so the
 divisibility specialization is the same too): each (kernel, arch, constexpr set) compiles once and
@@ -42,9 +42,9 @@ from . import (
     triton_adam,
     triton_decode,
     triton_decoder_norm,
-    triton_encode,
     triton_encoder_bwd,
     triton_latent_sum,
+    triton_select,
 )
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
@@ -128,28 +128,7 @@ def specs(d: int, d_sae: int, k: int, B: int, arch: str = "sm_90a") -> list[Spec
     out.append(_spec("encoder_dshift_gemv", triton_encoder_bwd._gemv_kernel, dict(
         a_ptr=p, v_ptr="*fp32", out_ptr=p, stride_a_r=d_sae, R=d, C=d_sae, scale=-1.0),
         gemv, (cdiv(d, gemv["BLOCK_R"]),)))
-    enc_args = dict(x_ptr=p, shift_ptr=p, w_ptr=p, b_ptr=p)
-    common = dict(NEG_KEY=triton_encode.NEG_KEY, DOT_DTYPE=tl.bfloat16, PRECISION="ieee")
-    cfg = triton_encode.RELU_CONFIG
-    cap = min(d_sae, triton_encode.DEFAULT_RELU_CAPACITY)
-    out.append(_spec("encode_relu", triton_encode._encode_kernel, dict(
-        **enc_args, values_ptr=p, indices_ptr="*i64", counts_ptr="*i32", stride_x_b=d, stride_w_d=d_sae,
-        stride_out_b=cap, B=B, d=d, d_sae=d_sae, capacity=cap),
-        dict(TOPK=False, KC=1, TILES=1, **common, BLOCK_B=cfg["BLOCK_B"], BLOCK_M=cfg["BLOCK_M"],
-             BLOCK_K=cfg["BLOCK_K"]),
-        (cdiv(B, cfg["BLOCK_B"]), cdiv(d_sae, cfg["BLOCK_M"])),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True))
-    cfg = triton_encode.topk_config(ARCHS[arch] // 10)
-    kc = min(triton.next_power_of_2(k), cfg["BLOCK_M"])
-    n_tiles = cdiv(d_sae, cfg["BLOCK_M"])
-    n_chunks = n_tiles if kc == cfg["BLOCK_M"] else cdiv(n_tiles, triton_encode.TOPK_TILES)
-    out.append(_spec("encode_topk", triton_encode._encode_kernel, dict(
-        **enc_args, values_ptr="*fp32", indices_ptr="*i32", counts_ptr="*i32", stride_x_b=d,
-        stride_w_d=d_sae, stride_out_b=n_chunks * kc, B=B, d=d, d_sae=d_sae, capacity=0),
-        dict(TOPK=True, KC=kc, TILES=cdiv(n_tiles, n_chunks), **common, BLOCK_B=cfg["BLOCK_B"],
-             BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"]),
-        (cdiv(B, cfg["BLOCK_B"]), n_chunks),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], gemm=True))
+    out += _select_specs(d_sae, k, B, p)
     dn = dict(BLOCK_M=triton_decoder_norm.BLOCK_M, BLOCK_D=triton_decoder_norm.BLOCK_D)
     out.append(_spec("decoder_remove_parallel", triton_decoder_norm._remove_parallel_grad_kernel, dict(
         w_ptr="*fp32", g_ptr="*fp32", stride_w_m=d, stride_g_m=d, m=d_sae, d=d),
@@ -173,6 +152,33 @@ def specs(d: int, d_sae: int, k: int, B: int, arch: str = "sm_90a") -> list[Spec
         w_ptr=f32, g_ptr=f32, out_ptr=f32, stride_w=d, stride_g=d, d=d), row_consts, (d_sae,),
         num_warps=row["num_warps"]))
     return out
+
+
+def _select_specs(d_sae: int, k: int, B: int, p: str) -> list[Spec]:
+    """The selects of triton_select.py on one bf16 pre-activation chunk [rows, d_sae] (rows = B here:
+    one chunk at both shapes): the 2 radix passes of 16-bit keys, resolve, the batch's count, and the
+    emit as RowTopK (per-row key), Threshold (by value) and BatchTopK (shared key, CSR offsets) run it."""
+    ts, rows = triton_select, B
+    row = dict(stride_pre=d_sae)
+    specs = [_spec(f"select_hist_{name}", ts._radix_hist_kernel, dict(
+        pre_ptr=p, mask_ptr="*i1", prefix_ptr="*i32", hist_ptr="*i32", **row, state_stride=1, N=d_sae,
+        n_total=rows * d_sae), dict(SHIFT=shift, KEY_BITS=16, HAS_MASK=False, BLOCK_N=ts.BLOCK_N), (rows,),
+        num_warps=ts.NUM_WARPS) for name, shift in (("hi", 8), ("lo", 0))]
+    specs.append(_spec("select_resolve", ts._radix_resolve_kernel, dict(
+        hist_ptr="*i32", prefix_ptr="*i32", remaining_ptr="*i32"), {}, (rows,), num_warps=ts.NUM_WARPS))
+    specs.append(_spec("select_count", ts._select_count_kernel, dict(
+        pre_ptr=p, key_ptr="*i32", above_ptr="*i32", ties_ptr="*i32", **row, N=d_sae, n_total=rows * d_sae),
+        dict(KEY_BITS=16, BLOCK_N=ts.BLOCK_N), (rows,), num_warps=ts.NUM_WARPS))
+    for name, by_value, starts, width in (("emit_topk", False, False, k), ("emit_threshold", True, False,
+                                          ts.THRESHOLD_FIRST_CAPACITY), ("emit_batch", False, True, d_sae)):
+        specs.append(_spec(f"select_{name}", ts._select_emit_kernel, dict(
+            pre_ptr=p, mask_ptr="*i1", theta_ptr="*fp32", key_ptr="*i32", quota_ptr="*i32", starts_ptr="*i64",
+            indices_ptr="*i64", values_ptr=p, counts_ptr="*i32", **row, key_stride=0 if starts else 1,
+            theta_stride=1, N=d_sae, n_total=rows * d_sae, limit=width, out_row_stride=width,
+            index_row_stride=d_sae if starts else 0),
+            dict(BY_VALUE=by_value, KEY_BITS=16, HAS_MASK=False, HAS_STARTS=starts, BLOCK_N=ts.BLOCK_N),
+            (rows,), num_warps=ts.NUM_WARPS))
+    return specs
 
 
 def _cuobjdump() -> str:

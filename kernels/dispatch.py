@@ -1,16 +1,18 @@
 """Backend choice for the SAE's ops: which implementation runs, and when the dense path is faster.
 
-Backends (`SparseAutoencoder(backend=...)`, overridden by the environment variable SAETRON_BACKEND):
-    triton     the fused kernels of `saetron.kernels.triton_ops`: CUDA tensors, or CPU tensors under
-               TRITON_INTERPRET=1 (tests only: the interpreter is slow); anything else is an error.
+Backends (`SparseAutoencoder(backend=...)`, overridden by the environment variable SAETRON_BACKEND),
+each a module with the interface of kernels/backend.py (`backend_ops(name)`):
+    triton     `saetron.kernels.triton_ops`: cuBLAS GEMM + Triton selects, decode and backward; CUDA
+               tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only: the interpreter is slow).
     torch      `saetron.kernels.torch_sparse`: the sparse path in plain torch ops, any device.
-    reference  the dense ops of `reference.py`: the oracle.
+    reference  `saetron.kernels.reference`: everything dense, the oracle.
     auto       triton on CUDA when `saetron.kernels.triton_ops` imports (else torch, logged once),
-               torch elsewhere; and per batch the dense reference path when the code is too wide
-               for the sparse ops to pay off (`DensityGate`).
+               torch elsewhere; and per batch the reference backend when the code is too wide for the
+               sparse ops to pay off (`DensityGate`).
 
-The density threshold (DENSE_WIDTH_THRESHOLD) is the padded width K (the largest number of active
-latents of a token in the batch) above which a sparse training step is slower than the dense one.
+The density threshold is the padded width K of a code (its widest token's active latents) above which
+a sparse training step is slower than the dense one, as a fraction of d_sae per device type
+(DENSE_WIDTH_FRACTION, the one place these thresholds live).
 """
 
 from __future__ import annotations
@@ -38,15 +40,20 @@ ENV_VAR = "SAETRON_BACKEND"
 #     ratio       0.43   0.77   0.97   1.21   1.80   2.11
 # They cross at K ~ 510 (an earlier run under heavier load: ~550); 512 it is. The dense step's cost
 # grows with d_sae and the sparse step's with K, so other widths use the same fraction of d_sae
-# (512 / 4608 = 1/9; `dense_width_threshold`), an assumption measured at this one shape only. On a
-# GPU the Triton path's crossover is unmeasured, and this value applies there too.
+# (512 / 4608 = 1/9), an assumption measured at this one shape only.
 DENSE_WIDTH_THRESHOLD = 512
 DENSE_WIDTH_MEASURED_AT = 4608  # the d_sae of the sweep above
+DENSE_WIDTH_FRACTION = {  # device type -> (K, d_sae): the threshold is K / d_sae of the latents
+    "cpu": (DENSE_WIDTH_THRESHOLD, DENSE_WIDTH_MEASURED_AT),
+    # UNMEASURED: the Triton path's crossover on a GPU has not been measured; the CPU value stands in.
+    "cuda": (DENSE_WIDTH_THRESHOLD, DENSE_WIDTH_MEASURED_AT),
+}
 
 
-def dense_width_threshold(d_sae: int) -> int:
-    """The width K above which backend auto runs a batch dense, for an SAE of d_sae latents."""
-    return max(1, DENSE_WIDTH_THRESHOLD * d_sae // DENSE_WIDTH_MEASURED_AT)
+def dense_width_threshold(d_sae: int, device_type: str = "cpu") -> int:
+    """The width K above which backend auto runs a batch on the reference backend."""
+    width, measured_at = DENSE_WIDTH_FRACTION.get(device_type, DENSE_WIDTH_FRACTION["cpu"])
+    return max(1, width * d_sae // measured_at)
 
 
 class BackendUnavailable(RuntimeError):
@@ -129,7 +136,11 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
 
 
 def backend_ops(name: str) -> ModuleType:
-    """The module of a sparse backend: `encode`, `decode`, `remove_parallel_grad_`, `normalize_rows_`."""
+    """The module of a concrete backend ("reference", "torch", "triton"): kernels/backend.py's interface."""
+    if name == "reference":
+        from . import reference
+
+        return reference
     if name == "torch":
         from . import torch_sparse
 
@@ -139,36 +150,41 @@ def backend_ops(name: str) -> ModuleType:
         if ops is None:
             raise BackendUnavailable("saetron.kernels.triton_ops does not import")
         return ops
-    raise ValueError(f"backend_ops takes 'torch' or 'triton'; got {name!r}")
+    raise ValueError(f"backend_ops takes 'reference', 'torch' or 'triton'; got {name!r}")
 
 
 class DensityGate:
-    """Per-batch choice between the sparse ops and the dense reference, for backend auto.
+    """Per-batch choice between a sparse backend and the reference backend, for backend auto.
 
-    The sparse step's cost grows with the padded width K of the code (the largest active count of a
-    token) and passes the dense step's above `threshold` (early ReLU training: about half the latents
-    fire). A batch whose sparse encode comes out wider than the threshold is redone densely, and the
-    next batches stay dense while their width (measured from the dense features) stays above it;
-    training density changes slowly, so the previous batch predicts the next one.
+    The sparse step's cost grows with the padded width K of the code (its widest token's active
+    latents) and passes the dense step's above `dense_width_threshold` (early ReLU training: about half
+    the latents fire). A batch whose sparse code comes out wider than the threshold is redone on the
+    reference backend, and the next batches stay there while their width stays above it; training
+    density changes slowly, so the previous batch predicts the next one.
     """
 
-    def __init__(self, threshold: int = DENSE_WIDTH_THRESHOLD) -> None:
-        self.threshold = threshold
+    def __init__(self, d_sae: int, threshold: int | None = None) -> None:
+        self.d_sae = d_sae
+        self.threshold = threshold  # None: dense_width_threshold(d_sae, device type) at each use
         self.dense = False
-        # ReLU slots per token for fixed-capacity encoders (Triton), grown when a batch overflows
-        # them; None: the backend's default. The torch backend sizes each batch itself.
-        self.capacity: int | None = None
 
-    def too_wide(self, width: int) -> bool:
-        """Record a sparse code's width K; True if this batch should run dense instead."""
-        if width > self.threshold:
+    def _threshold(self, device: torch.device) -> int:
+        if self.threshold is not None:
+            return self.threshold
+        return dense_width_threshold(self.d_sae, device.type)
+
+    def too_wide(self, width: int, device: torch.device) -> bool:
+        """Record a sparse code's width K; True if this batch should run on the reference backend."""
+        threshold = self._threshold(device)
+        if width > threshold:
             self.dense = True
             log_once("density-dense", "backend auto: %d active latents in a token exceed the sparse "
-                     "threshold %d; using the dense path until the codes get sparser", width, self.threshold)
+                     "threshold %d; using the dense path until the codes get sparser", width, threshold)
         return self.dense
 
     @torch.no_grad()
-    def observe_dense(self, features: Tensor) -> None:
-        """After a dense batch: go back to sparse once the widest token has <= threshold active latents."""
-        width = int((features > 0).sum(-1).max()) if features.numel() else 0
-        self.dense = width > self.threshold
+    def observe_dense(self, values: Tensor) -> None:
+        """After a reference batch with code values [B, K]: back to sparse once the widest token has
+        <= threshold active latents."""
+        width = int((values > 0).sum(-1).max()) if values.numel() else 0
+        self.dense = width > self._threshold(values.device)

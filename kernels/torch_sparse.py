@@ -1,19 +1,18 @@
 """torch backend: the SAE's sparse encode, sparse decode and decoder-norm ops in plain torch (CPU, GPU).
 
-Same interface as the Triton backend (`saetron.kernels.triton_ops`), same math as the dense references
-in `reference.py`. B tokens, d = d_in, m = d_sae, K = width of the padded `SparseCode` (k for topk).
+The backend interface of kernels/backend.py, the math of the dense oracle `reference.py`. B tokens,
+d = d_in, m = d_sae, K = width of a Selection / SparseCode.
 
-    encode:  pre = (x - shift) @ W_enc + b_enc                      # [B, m]: the one dense GEMM
-             topk: (indices, values) = topk_k(pre), values = ReLU(values)    # [B, k]
-             relu: each row's active latents, zero-padded to K = the batch's largest row count
-    decode:  recon_b = sum_j values[b, j] * W_dec[indices[b, j]] + bias      # [B, d]
+    encode:  pre = (x - shift) @ W_enc + b_enc      in chunks of rows (backend.encode_rows): one
+             addmm per chunk, then each rule's select (torch_select.py: torch.topk, thresholds)
+    decode:  recon_b = sum_j values[b, j] * W_dec[indices[b, j]] + bias      # [B, d]: embedding_bag
 
 Backward from the sparse gradients only: no [B, m] tensor is built after the encoder GEMM.
     decode:  dvalues[b, j] = <g_b, W_dec[i_bj]>     a sampled dense-dense product (SDDMM)   # [B, K]
              dW_dec = F^T @ g                       F^T as a latent-major CSR [m, B]        # [m, d]
              dbias  = sum_b g_b                                                             # [d]
-    encode:  G      = dvalues * [values > 0]        the pre-activation gradient, active slots only
-             dW_enc = (G^T as CSR [m, B] @ (x - shift))^T                                   # [d, m]
+    encode:  G      = dL/dpre at each rule's selected slots (padding 0)                     # [B, K]
+             dW_enc = (G^T as CSR [m, B] @ (x - shift))^T, summed over the rules            # [d, m]
              db_enc = scatter-add of G over the latents                                     # [m]
              dshift = -W_enc @ db_enc               reduced over the batch first: one mat-vec
              dx     = G @ W_enc^T                   row-major CSR, only when x needs a gradient
@@ -22,29 +21,40 @@ Measured on the project's 2-core CPU at d=576, m=4608, B=4096, k=64 (fp32): enco
 topk ~70 ms, embedding_bag decode ~12 ms, SDDMM ~16 ms, each CSR weight-gradient matmul ~15 ms,
 the latent-major sort ~8 ms; the dense GEMMs these replace take 100-250 ms each.
 
-Dtypes: the math runs in the parameters' dtype. torch's CPU sparse kernels (MKL CSR matmul,
-sampled_addmm) exist for fp32/fp64 only, so bf16/fp16 operands are upcast to fp32 there and the
-gradients cast back. CSR indices are int64: MKL's int32 path measured 3x slower here.
+Dtypes: the GEMM, the selects, the decode and the mat-vecs run in the parameters' dtype (mat-vecs
+accumulate in fp32). torch's sparse products lack bf16/fp16 kernels (CPU: MKL CSR matmul and
+sampled_addmm are fp32/fp64 only; CUDA: sampled_addmm has no bf16), so for bf16/fp16:
+  - the CSR matmuls (dW_dec, dW_enc, dx) upcast their operands to fp32 and cast the result back
+    (an fp32 [m, d] result lives for the cast);
+  - dvalues is computed by gathers instead of sampled_addmm: the W_dec rows of a block of tokens
+    [rows, K, d] times g, by torch.bmm in the compute dtype (fp32 accumulation on CUDA), blocks
+    of GATHER_CHUNK_BYTES.
+CSR indices are int64: MKL's int32 path measured 3x slower here.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import ACTIVATIONS
-from .sparse_code import CapacityExceeded, SparseCode
+from . import torch_select
+from .backend import check_encode_args, encode_rows, flat_selections, grouped_selections
+from .selection import Selection, SelectionRule
+from .sparse_code import SparseCode
 
-# torch's CPU CSR matmul and sampled_addmm have no bf16/fp16 kernels (torch 2.13: "not implemented").
-_CPU_SPARSE_DTYPES = (torch.float32, torch.float64)
+# torch's CSR matmul and sampled_addmm: the dtypes they have kernels for on every device (torch 2.13
+# CPU; sampled_addmm on CUDA lacks bf16: "sampled_addmm_out_sparse_csr not implemented for BFloat16").
+_SPARSE_DTYPES = (torch.float32, torch.float64)
 # cuSPARSE expects each CSR row's column ids in ascending order; torch's CPU kernels do not (checked
 # against a gather-and-dot on unsorted rows with repeated ids), so the sort is skipped there.
 _SORTED_COLUMNS_DEVICES = ("cuda",)
-# Block width of the ReLU extraction's screening pass (_positive_positions); 32 measured best of 8/16/32.
-RELU_BLOCK = 32
+# Bytes of one gathered block [rows, K, d] of W_dec rows (bf16/fp16 dvalues) and of one fp32 column
+# block of W_enc (the bf16 dshift mat-vec): bounded temporaries, far below a [B, d_sae] tensor.
+GATHER_CHUNK_BYTES = 256 << 20
 
 
 # -- sparse layouts -----------------------------------------------------------------------------
@@ -69,18 +79,18 @@ def _csr_mm(A: Tensor, dense: Tensor) -> Tensor:
 
 
 def _sparse_dtype(t: Tensor) -> torch.dtype:
-    if t.device.type == "cpu" and t.dtype not in _CPU_SPARSE_DTYPES:
-        return torch.float32
-    return t.dtype
+    """The dtype torch's sparse products run in for operands of t's dtype (fp32 for bf16/fp16)."""
+    return t.dtype if t.dtype in _SPARSE_DTYPES else torch.float32
 
 
 class _LatentLayoutCache:
-    """The last latent-major layout, keyed by its code's storage and version counters.
+    """The last latent-major layout, keyed by its code's index storage and the set of active slots.
 
-    A training step needs the layout twice, in the decode backward (dW_dec) and then in the encode
-    backward (dW_enc), for the same code: the second use skips the sort (~8 ms of a ~250 ms step).
-    The entry holds references to the code's tensors, so their storage cannot be reused for another
-    code while it is cached, and `_version` catches in-place edits.
+    A training step needs the layout twice, in the decode backward (dW_dec: slots whose value is not
+    0) and then in the encode backward (dW_enc: slots whose gradient is not 0), for the same indices:
+    when both sets of slots agree (always for relu and topk) the second use skips the sort (~8 ms of
+    a ~250 ms step). The entry holds a reference to the indices, so their storage cannot be reused
+    for another code while it is cached, and `_version` catches in-place edits.
     """
 
     def __init__(self) -> None:
@@ -89,18 +99,19 @@ class _LatentLayoutCache:
         self._layout: tuple[Tensor, Tensor, Tensor] | None = None
 
     @staticmethod
-    def _key_of(indices: Tensor, values: Tensor) -> tuple:
-        return (indices.data_ptr(), values.data_ptr(), tuple(indices.shape), indices.stride(),
-                values.stride(), indices._version, values._version, values.device)
+    def _key_of(indices: Tensor, d_sae: int) -> tuple:
+        return (indices.data_ptr(), tuple(indices.shape), indices.stride(), indices._version, indices.device,
+                d_sae)
 
-    def get(self, indices: Tensor, values: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
-        key = self._key_of(indices, values) + (d_sae,)
-        if key == self._key:
+    def get(self, indices: Tensor, active: Tensor, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The layout of the slots where active [B, K] is True."""
+        key = self._key_of(indices, d_sae)
+        if key == self._key and torch.equal(active, self._refs[1]):
             layout = self._layout
             self._key = self._refs = self._layout = None  # each code is used at most twice
             return layout
-        layout = _latent_major(indices, values != 0, d_sae)
-        self._key, self._refs, self._layout = key, (indices, values), layout
+        layout = _latent_major(indices, active, d_sae)
+        self._key, self._refs, self._layout = key, (indices, active), layout
         return layout
 
 
@@ -134,20 +145,27 @@ def _latent_matmul(layout: tuple[Tensor, Tensor, Tensor], weights: Tensor, dense
 
 
 def _sampled_rows_dot(indices: Tensor, g: Tensor, W: Tensor) -> Tensor:
-    """out[b, j] = <g[b], W[indices[b, j]]> for indices [B, K], g [B, d], W [m, d] -> [B, K].
+    """out[b, j] = <g[b], W[indices[b, j]]> for indices [B, K], g [B, d], W [m, d] -> [B, K] in g's dtype.
 
-    torch.sparse.sampled_addmm computes (g @ W^T) only at the CSR pattern of `indices`, without the
-    [B, K, d] gather (604 MB at B=4096, K=64, d=576) that a gather-and-bmm needs.
+    fp32/fp64: torch.sparse.sampled_addmm computes (g @ W^T) only at the CSR pattern of `indices`,
+    without the [B, K, d] gather (604 MB at B=4096, K=64, d=576) that a gather-and-bmm needs.
+    bf16/fp16 (no sampled_addmm kernel): gathers of W's rows and torch.bmm, in blocks of tokens.
     """
     B, K = indices.shape
-    dtype = _sparse_dtype(g)
+    if g.dtype not in _SPARSE_DTYPES:
+        out = torch.empty(B, K, dtype=g.dtype, device=g.device)
+        rows = max(1, GATHER_CHUNK_BYTES // max(1, K * W.shape[1] * W.element_size()))
+        for r0 in range(0, B, rows):
+            gathered = W[indices[r0:r0 + rows]]  # [rows, K, d]
+            out[r0:r0 + rows] = torch.bmm(gathered, g[r0:r0 + rows, :, None].to(W.dtype)).squeeze(2)
+        return out
     order = None
     if indices.device.type in _SORTED_COLUMNS_DEVICES:
         indices, order = torch.sort(indices, dim=1)
     crow = torch.arange(0, B * K + 1, K, dtype=torch.int64, device=indices.device)
-    zeros = torch.zeros(B * K, dtype=dtype, device=g.device)
+    zeros = torch.zeros(B * K, dtype=g.dtype, device=g.device)
     pattern = _csr(crow, indices.reshape(-1), zeros, (B, W.shape[0]))
-    out = torch.sparse.sampled_addmm(pattern, g.to(dtype), W.to(dtype).t(), beta=0.0).values().view(B, K)
+    out = torch.sparse.sampled_addmm(pattern, g, W.to(g.dtype).t(), beta=0.0).values().view(B, K)
     if order is not None:
         out = torch.empty_like(out).scatter_(1, order, out)
     return out
@@ -156,126 +174,83 @@ def _sampled_rows_dot(indices: Tensor, g: Tensor, W: Tensor) -> Tensor:
 # -- encode -------------------------------------------------------------------------------------
 
 
-def _positive_positions(pre: Tensor) -> Tensor:
-    """Row-major flat positions b * m + i of the entries > 0 of pre [B, m], ascending: [nnz].
-
-    Blocks of RELU_BLOCK entries are screened by their max first and only the blocks holding a
-    positive entry are searched: at L0 ~64 of 4608 that is ~60% of the data, and the search costs
-    29 ms instead of 41 ms for a plain `(pre > 0).nonzero()` at B=4096 (2 threads).
-    """
-    if pre.shape[1] % RELU_BLOCK:
-        return (pre > 0).view(-1).nonzero().squeeze(1)
-    blocks = pre.view(-1, RELU_BLOCK)  # [B * m / RELU_BLOCK, RELU_BLOCK]
-    hot = (blocks.amax(1) > 0).nonzero().squeeze(1)  # blocks holding a positive entry
-    found = (blocks[hot] > 0).view(-1).nonzero().squeeze(1)  # positions inside those blocks
-    return hot[found // RELU_BLOCK] * RELU_BLOCK + found % RELU_BLOCK
+def _masked_grad(grad: Tensor | None, sel_pre: Tensor, valid: Tensor) -> Tensor:
+    """A rule's pre-activation gradient with padding slots zeroed ([B, K]; zeros when unused)."""
+    if grad is None:
+        return torch.zeros_like(sel_pre)
+    return torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
-def _relu_code(pre: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
-    """Active latents of ReLU(pre) [B, m], padded per row to K slots: (indices, values) [B, K].
-
-    K is `capacity` when given (CapacityExceeded if a row has more), else the largest row count
-    (at least 1). Padding slots hold id 0 and value 0. Rows keep their latents in ascending id order.
-    """
-    B, m = pre.shape
-    flat = _positive_positions(pre)  # [nnz] row-major positions b * m + i
-    rows = flat // m
-    counts = torch.bincount(rows, minlength=B)  # [B]
-    max_active = int(counts.max()) if B else 0
-    if capacity is not None and max_active > capacity:
-        raise CapacityExceeded(max_active, capacity)
-    K = capacity if capacity is not None else max(1, max_active)
-    starts = torch.cumsum(counts, 0) - counts  # [B]
-    slots = rows * K + (torch.arange(flat.numel(), device=pre.device) - starts[rows])  # [nnz]
-    indices = torch.zeros(B * K, dtype=torch.int64, device=pre.device)
-    values = torch.zeros(B * K, dtype=pre.dtype, device=pre.device)
-    indices[slots] = flat - rows * m
-    values[slots] = pre.view(-1)[flat]
-    return indices.view(B, K), values.view(B, K)
+def _matvec_fp32(W: Tensor, v: Tensor) -> Tensor:
+    """W [d, m] @ v [m] with fp32 (or fp64) accumulation, in column blocks: no fp32 copy of all of W."""
+    acc = torch.promote_types(W.dtype, torch.float32)
+    if W.dtype == acc:
+        return W @ v.to(acc)
+    out = torch.zeros(W.shape[0], dtype=acc, device=W.device)
+    step = max(1, GATHER_CHUNK_BYTES // (4 * W.shape[0]))
+    for c0 in range(0, W.shape[1], step):
+        out += W[:, c0:c0 + step].to(acc) @ v[c0:c0 + step].to(acc)
+    return out
 
 
 class SparseEncodeFunction(torch.autograd.Function):
-    """(x, shift, W_enc, b_enc) -> (indices, values) [B, K]: the active latents of the encoder."""
+    """(x, shift, W_enc, b_enc, rules) -> per rule (indices, pre, valid) [B, K]; gradients from the
+    selected slots only."""
 
     @staticmethod
-    def forward(ctx, x, shift, W_enc, b_enc, activation, k, capacity):
-        x_c = x - shift  # [B, d]
-        pre = x_c @ W_enc  # [B, m]
-        pre += b_enc  # in place, and bit-identical to encode_ref's `@ W_enc + b_enc` (addmm is not)
-        if activation == "topk":
-            values, indices = torch.topk(pre, k, dim=-1, sorted=False)  # [B, k]
-            values = values.relu_()
-        else:
-            indices, values = _relu_code(pre, capacity)  # [B, K]
-        del pre
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(x_c, W_enc, indices, values)
-        return indices, values
+    def forward(ctx, x, shift, W_enc, b_enc, rules, chunk_rows):
+        selections = encode_rows(x, shift, W_enc, b_enc, rules, torch_select, chunk_rows)
+        outputs = flat_selections(selections)
+        ctx.mark_non_differentiable(*(t for sel in selections for t in (sel.indices, sel.valid)))
+        ctx.save_for_backward(x - shift, W_enc, *outputs)  # x - shift [B, d] for dW_enc
+        return outputs
 
     @staticmethod
-    def backward(ctx, _grad_indices, grad_values):
-        x_c, W_enc, indices, values = ctx.saved_tensors
+    def backward(ctx, *grads):
+        x_c, W_enc, *outputs = ctx.saved_tensors
         need_x, need_shift, need_W, need_b = ctx.needs_input_grad[:4]
-        active = values > 0  # [B, K]: ReLU's gradient mask; padding and zeroed topk picks are 0
-        G = torch.where(active, grad_values, torch.zeros((), dtype=grad_values.dtype, device=values.device))
-        grad_x = grad_shift = grad_W = grad_b = None
-        if need_W:
-            # values > 0 and values != 0 are the same slots (ReLU'd values): the decode's layout serves
-            layout = _layout_cache.get(indices, values, W_enc.shape[1])
-            grad_W = _latent_matmul(layout, G, x_c)  # [m, d]
-            grad_W = grad_W.t().contiguous().to(W_enc.dtype)  # [d, m]: the parameter's layout (7 ms)
-        if need_b or need_shift:
-            acc = torch.float64 if G.dtype == torch.float64 else torch.float32  # accumulate in fp32
-            db = torch.zeros(W_enc.shape[1], dtype=acc, device=G.device)
-            db.index_add_(0, indices.reshape(-1), G.reshape(-1).to(db.dtype))  # [m]
-            if need_b:
-                grad_b = db.to(W_enc.dtype)
-            if need_shift:
-                grad_shift = -(W_enc.to(db.dtype) @ db).to(W_enc.dtype)  # [d]: one mat-vec
-        if need_x:
-            B, K = indices.shape
-            row_slots = active.reshape(-1).nonzero().squeeze(1)  # row-major: already CSR order
-            crow = torch.zeros(B + 1, dtype=torch.int64, device=G.device)
-            torch.cumsum(active.sum(1), 0, out=crow[1:])
-            dtype = _sparse_dtype(W_enc)
-            G_csr = _csr(crow, indices.reshape(-1)[row_slots], G.reshape(-1)[row_slots].to(dtype),
-                         (B, W_enc.shape[1]))
-            grad_x = _csr_mm(G_csr, W_enc.to(dtype).t()).to(x_c.dtype)  # [B, d]
-        return grad_x, grad_shift, grad_W, grad_b, None, None, None
+        d_sae = W_enc.shape[1]
+        grad_x = grad_W = db = None
+        for (indices, pre, valid), grad in zip(grouped_selections(outputs), grads[1::3]):
+            G = _masked_grad(grad, pre, valid)  # [B, K]: dL/dpre at the selected slots
+            if need_W:
+                layout = _layout_cache.get(indices, G != 0, d_sae)
+                part = _latent_matmul(layout, G, x_c)  # [m, d]
+                grad_W = part if grad_W is None else grad_W + part
+            if need_b or need_shift:
+                acc = torch.promote_types(G.dtype, torch.float32)  # accumulate in fp32 (fp64 stays)
+                db = torch.zeros(d_sae, dtype=acc, device=G.device) if db is None else db
+                db.index_add_(0, indices.reshape(-1), G.reshape(-1).to(acc))  # [m]
+            if need_x:
+                part = _row_matmul(indices, G, W_enc)  # [B, d]
+                grad_x = part if grad_x is None else grad_x + part
+        if grad_W is not None:
+            grad_W = grad_W.t().contiguous().to(W_enc.dtype)  # [d, m]: the parameter's layout
+        grad_b = db.to(W_enc.dtype) if need_b else None
+        grad_shift = -_matvec_fp32(W_enc, db).to(W_enc.dtype) if need_shift else None  # [d]: one mat-vec
+        grad_x = grad_x.to(x_c.dtype) if grad_x is not None else None
+        return grad_x, grad_shift, grad_W, grad_b, None, None
 
 
-def encode(
-    x: Tensor,  # [B, d]
-    shift: Tensor,  # [d]
-    W_enc: Tensor,  # [d, m]
-    b_enc: Tensor,  # [m]
-    activation: str,
-    k: int | None = None,
-    capacity: int | None = None,
-) -> SparseCode:
-    """SparseCode of act((x - shift) @ W_enc + b_enc); differentiable in x, shift, W_enc, b_enc.
+def _row_matmul(indices: Tensor, G: Tensor, W_enc: Tensor) -> Tensor:
+    """G (as a row-major CSR [B, m] of its nonzero slots) @ W_enc^T: [B, d] (the input gradient)."""
+    B = indices.shape[0]
+    active = G != 0
+    row_slots = active.reshape(-1).nonzero().squeeze(1)  # row-major: already CSR order
+    crow = torch.zeros(B + 1, dtype=torch.int64, device=G.device)
+    torch.cumsum(active.sum(1), 0, out=crow[1:])
+    dtype = _sparse_dtype(W_enc)
+    values = G.reshape(-1)[row_slots].to(dtype)
+    G_csr = _csr(crow, indices.reshape(-1)[row_slots], values, (B, W_enc.shape[1]))
+    return _csr_mm(G_csr, W_enc.to(dtype).t())
 
-    topk: K = k slots per row (the k largest pre-activations, then ReLU; `capacity` is unused).
-    relu: K = `capacity` if given (CapacityExceeded when a row has more active latents), else the
-    largest active count of the batch; padding slots hold value 0.
-    """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; allowed: {ACTIVATIONS}")
-    if x.ndim != 2 or W_enc.ndim != 2 or x.shape[1] != W_enc.shape[0]:
-        raise ValueError(
-            f"encode expects x [B, d] and W_enc [d, m]; got {tuple(x.shape)} and {tuple(W_enc.shape)}"
-        )
-    d, m = W_enc.shape
-    if tuple(shift.shape) != (d,) or tuple(b_enc.shape) != (m,):
-        raise ValueError(
-            f"encode expects shift [{d}] and b_enc [{m}]; got {tuple(shift.shape)}, {tuple(b_enc.shape)}"
-        )
-    if activation == "topk" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m):
-        raise ValueError(f"activation='topk' needs k, an int in [1, d_sae={m}]; got k={k!r}")
-    if capacity is not None and capacity < 1:
-        raise ValueError(f"capacity must be a positive int or None; got {capacity!r}")
-    indices, values = SparseEncodeFunction.apply(x, shift, W_enc, b_enc, activation, k, capacity)
-    return SparseCode(indices=indices, values=values)
+
+def encode(x: Tensor, shift: Tensor, W_enc: Tensor, b_enc: Tensor, rules: Sequence[SelectionRule], *,
+           chunk_rows: int | None = None) -> list[Selection]:
+    """Every rule's Selection of pre = (x - shift) @ W_enc + b_enc (kernels/backend.py), computed in
+    chunks of rows; `pre` differentiable in shift, W_enc, b_enc (and x)."""
+    check_encode_args(x, shift, W_enc, b_enc, rules)
+    return grouped_selections(SparseEncodeFunction.apply(x, shift, W_enc, b_enc, tuple(rules), chunk_rows))
 
 
 # -- decode -------------------------------------------------------------------------------------
@@ -299,18 +274,19 @@ class SparseDecodeFunction(torch.autograd.Function):
         if need_values:
             grad_values = _sampled_rows_dot(indices, g, W_dec).to(values.dtype)  # [B, K]
         if need_W:
-            layout = _layout_cache.get(indices, values, W_dec.shape[0])
+            layout = _layout_cache.get(indices, values != 0, W_dec.shape[0])
             grad_W = _latent_matmul(layout, values, g).to(W_dec.dtype)  # [m, d]
         if need_bias:
             grad_bias = g.sum(0)  # [d]
         return None, grad_values, grad_W, grad_bias
 
 
-def decode(indices: Tensor, values: Tensor, W_dec: Tensor, bias: Tensor) -> Tensor:
+def decode(code: SparseCode, W_dec: Tensor, bias: Tensor) -> Tensor:
     """recon [B, d] = sum_j values[b, j] * W_dec[indices[b, j]] + bias; differentiable in values, W_dec, bias.
 
-    indices [B, K] int64, values [B, K] (cast to W_dec's dtype), W_dec [m, d], bias [d].
+    code: indices [B, K] int64, values [B, K] (cast to W_dec's dtype); W_dec [m, d], bias [d].
     """
+    indices, values = code
     if indices.ndim != 2 or indices.shape != values.shape or indices.dtype != torch.int64:
         raise ValueError(
             f"decode expects int64 indices and values of one shape [B, K]; got {indices.dtype} "

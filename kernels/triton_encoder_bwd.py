@@ -16,7 +16,7 @@ kernel stores its [latents, columns] tiles through the transposed view, 16 laten
 bytes a row), so autograd accumulates it into .grad without a transposing copy (an earlier
 [d_sae, d] buffer cost one: 2.8 ms a step at d=7168, d_sae=57344 on an H200).
 Dtypes: loads upcast to fp32, fp32 accumulation; dW_enc in W_enc's dtype, db_enc in b_enc's,
-dshift in shift's. Reference: encode_ref (its autograd is the oracle).
+dshift in shift's. Reference: reference.encode (its autograd is the oracle).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ offsets [d_sae + 1] int64, out [d_sae, d] with any strides (encoder: the transpo
 [d, d_sae] tensor, so dW_enc lands in W_enc's layout), colsum [d_sae] fp32.
 Dtypes: rows and weights share one float dtype (the tensor-core operand dtype; fp32 follows
 `dot_dtypes`: tf32 only where torch allows it), shift any float dtype; fp32 accumulation, out in its
-own dtype. Reference: sparse_decode_ref / encode_ref autograd.
+own dtype. Reference: sparse_decode_ref / reference.encode autograd.
 """
 
 from __future__ import annotations

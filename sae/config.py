@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
+from .architectures import ARCHITECTURES, get_architecture
+
 Normalization = Literal["expected_average_only_in", "layer_norm", "none"]
-Activation = Literal["relu", "topk"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
-ACTIVATION_NAMES: tuple[str, ...] = get_args(Activation)
+ACTIVATION_NAMES: tuple[str, ...] = tuple(ARCHITECTURES)  # every module of sae/architectures/
+Activation = Literal[ACTIVATION_NAMES]  # the registry's names (a Literal so that CLIs list them)
 
 
 @dataclass
@@ -28,7 +30,8 @@ class SAEConfig:
     l1_coeff: float = 5e-3
     """Weight of the L1 sparsity penalty sum_i f_i ||W_dec[i]|| (ReLU SAEs; TopK SAEs report it only)."""
     activation: Activation = "relu"
-    """`relu` (the seed) or `topk` (keep the k largest pre-activations per token, then ReLU)."""
+    """The architecture (sae/architectures/): `relu` (the seed) or `topk` (keep the k largest
+    pre-activations per token, then ReLU)."""
     k: int | None = None
     """Active latents per token for `topk`; must be None for `relu`."""
 
@@ -41,19 +44,11 @@ class SAEConfig:
             raise ValueError(
                 f"unknown normalize_activations {self.normalize_activations!r}; allowed: {NORMALIZATIONS}"
             )
-        if self.activation not in ACTIVATION_NAMES:
-            raise ValueError(f"unknown activation {self.activation!r}; allowed: {ACTIVATION_NAMES}")
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise ValueError(f"apply_b_dec_to_input must be a bool; got {self.apply_b_dec_to_input!r}")
         if not (self.l1_coeff >= 0):  # also rejects NaN
             raise ValueError(f"l1_coeff must be >= 0; got {self.l1_coeff!r}")
-        if self.activation == "topk":
-            if self.k is None:
-                raise ValueError(f"activation='topk' needs k, an int in [1, d_sae={self.d_sae}]; got k=None")
-            if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.d_sae:
-                raise ValueError(f"k must be an int in [1, d_sae={self.d_sae}]; got k={self.k!r}")
-        elif self.k is not None:
-            raise ValueError(f"k={self.k!r} is only used with activation='topk'; got activation='relu'")
+        get_architecture(self.activation).check_config(self)  # unknown name: ValueError with the allowed
 
     def to_dict(self) -> dict:
         return asdict(self)

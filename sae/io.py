@@ -2,17 +2,16 @@
 
 Native (one folder):
     sae_config.json      {"format": "saetron-sae", "format_version": 1, "config": SAEConfig fields}
-    sae.safetensors      W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in],
-                         activation_mean [d_in]
+    sae.safetensors      every entry of the model's state_dict: W_enc [d_in, d_sae], b_enc [d_sae],
+                         W_dec [d_sae, d_in], b_dec [d_in], activation_mean [d_in], and an
+                         architecture's own tensors as `architecture.<name>` (relu and topk have none,
+                         so their files are those of format_version 1 as first written)
 
-SAELens (`export_saelens`, architecture "standard" for relu or "topk"):
-    cfg.json, sae_weights.safetensors (W_enc, W_dec, b_enc, b_dec)
-    Centering folds into the biases (SAELens has no mean buffer), mu = activation_mean:
-        b_dec' = b_dec + mu                                  (output is recon_n + mu)
-        b_enc' = b_enc - mu @ W_enc   if not apply_b_dec_to_input
-        b_enc' = b_enc                if apply_b_dec_to_input (x - b_dec' already subtracts mu)
-    so SAELens' encode/decode of raw activations equals ours. A layer_norm SAE exports with
-    SAELens' "layer_norm" (our convention is SAELens': x_n = (x - mu) / (std + 1e-5), recon * std + mu).
+SAELens (`export_saelens`, the architecture's SAELens name: "standard" for relu, "topk"):
+    cfg.json (+ the architecture's extra fields), sae_weights.safetensors (W_enc, W_dec, b_enc, b_dec
+    + the architecture's extra tensors). The normalization folds its centering into the biases
+    (sae/normalization.py: SAELens has no mean buffer), so SAELens' encode/decode of raw activations
+    equals ours. A layer_norm SAE exports with SAELens' "layer_norm" (our convention is SAELens').
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ WEIGHTS_FILE = "sae.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_VERSION = "6.54.12"  # the SAELens release whose format (and loader) the export is tested against
-TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "activation_mean")
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
@@ -61,7 +59,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: getattr(sae, name) for name in TENSOR_NAMES}
+    tensors = dict(sae.state_dict())
     _save_tensors(tensors, folder / WEIGHTS_FILE, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     _atomic_write_json(
         folder / CONFIG_FILE,
@@ -105,16 +103,18 @@ def load_sae(
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"{weights} is missing; save the SAE again with sae.save(folder)")
+    template = SparseAutoencoder.from_config(cfg, device="meta", backend=backend)  # shapes only
+    expected = {name: tuple(t.shape) for name, t in template.state_dict().items()}  # + the architecture's
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             names = set(f.keys())
-            missing = [n for n in TENSOR_NAMES if n not in names]
+            missing = [n for n in expected if n not in names]
             if missing:
                 raise ValueError(
-                    f"{weights} lacks tensor(s) {missing}; expected {list(TENSOR_NAMES)}. "
+                    f"{weights} lacks tensor(s) {missing}; expected {list(expected)}. "
                     "The file was not written by sae.save: save it again."
                 )
-            tensors = {n: f.get_tensor(n) for n in TENSOR_NAMES}
+            tensors = {n: f.get_tensor(n) for n in expected}
     except ValueError:
         raise
     except Exception as err:  # safetensors raises its own error types for a truncated header/body
@@ -122,13 +122,6 @@ def load_sae(
             f"{weights} cannot be read ({type(err).__name__}: {err}); the file is truncated or corrupt: "
             "restore it or save the SAE again"
         ) from err
-    expected = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_dec": (cfg.d_in,),
-        "activation_mean": (cfg.d_in,),
-    }
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
@@ -136,24 +129,19 @@ def load_sae(
                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}; the two files belong to different SAEs"
             )
     sae = SparseAutoencoder.from_config(cfg, device=device, dtype=tensors["W_enc"].dtype, backend=backend)
-    with torch.no_grad():
-        for name, value in tensors.items():
-            getattr(sae, name).copy_(value)
+    sae.load_state_dict(tensors)
     return sae
 
 
 def saelens_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
-    """SAELens weights equivalent to `sae` on raw activations (centering folded into the biases)."""
+    """SAELens weights equivalent to `sae` on raw activations (the normalization's fold in the biases)."""
     with torch.no_grad():
-        W_enc, W_dec = sae.W_enc.detach().clone(), sae.W_dec.detach().clone()
-        b_enc, b_dec = sae.b_enc.detach().clone(), sae.b_dec.detach().clone()
-        if sae.cfg.normalize_activations == "expected_average_only_in":
-            mu = sae.activation_mean.detach().to(W_enc.dtype)
-            b_dec = b_dec + mu
-            if not sae.cfg.apply_b_dec_to_input:
-                # fp64 for the fold: the 1e-5 match with SAELens must not depend on d_in's rounding
-                b_enc = (b_enc.double() - mu.double() @ W_enc.double()).to(b_enc.dtype)
-    return {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+        b_enc, b_dec = sae.normalization.saelens_fold(sae.W_enc, sae.b_enc, sae.b_dec, sae.activation_mean,
+                                                      sae.cfg.apply_b_dec_to_input)
+        state = {"W_enc": sae.W_enc.detach().clone(), "W_dec": sae.W_dec.detach().clone(),
+                 "b_enc": b_enc, "b_dec": b_dec}
+        state.update({name: t.detach().clone() for name, t in sae.architecture.saelens_tensors().items()})
+    return state
 
 
 def export_saelens(sae: SparseAutoencoder, folder: str | Path, model_name: str, hook_name: str) -> Path:
@@ -161,15 +149,14 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, model_name: str, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = sae.cfg
-    normalize = "layer_norm" if cfg.normalize_activations == "layer_norm" else "none"
     saelens_cfg = {
-        "architecture": "topk" if cfg.activation == "topk" else "standard",
+        "architecture": sae.architecture.saelens_architecture(),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
         "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
-        "normalize_activations": normalize,
+        "normalize_activations": sae.normalization.saelens_name,
         "reshape_activations": "none",
         "metadata": {
             "model_name": model_name,
@@ -179,9 +166,7 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, model_name: str, 
             "exported_by": "saetron",
         },
     }
-    if cfg.activation == "topk":
-        saelens_cfg["k"] = cfg.k
-        saelens_cfg["rescale_acts_by_decoder_norm"] = False
+    saelens_cfg.update(sae.architecture.saelens_config())
     _save_tensors(saelens_state(sae), folder / SAELENS_WEIGHTS_FILE, {"format": "pt"})
     _atomic_write_json(folder / SAELENS_CONFIG_FILE, saelens_cfg)
     return folder

@@ -1,4 +1,4 @@
-"""Metric definitions shared by the dense and sparse forwards of the SparseAutoencoder and the trainer."""
+"""Metric definitions shared by the SparseAutoencoder's forward (every backend) and the trainer."""
 
 from __future__ import annotations
 

@@ -1,31 +1,29 @@
-"""SparseAutoencoder: the reference SAE of the seed (v1.1), pure PyTorch, the oracle of every kernel.
+"""SparseAutoencoder: one forward over the backend interface; the reference backend is the seed's SAE.
 
 Forward, for x [B, d_in] (any leading shape is flattened to B):
 
-    x_n            = normalize(x)                                   # [B, d_in]
+    x_n            = normalize(x)                                   # [B, d_in]  (normalization.py)
     sae_in         = x_n - b_dec * apply_b_dec_to_input             # [B, d_in]
-    pre            = sae_in @ W_enc + b_enc                         # [B, d_sae]
-    f              = ReLU(pre)  or  ReLU(topk_k(pre))               # [B, d_sae]
-    recon_n        = f @ W_dec + b_dec                              # [B, d_in]
+    pre            = sae_in @ W_enc + b_enc                         # [B, d_sae] (never whole on
+                                                                    #  the sparse backends)
+    code           = the architecture's selection of pre, activated # [B, K]     (architectures/)
+    recon_n        = code @ W_dec + b_dec                           # [B, d_in]
     reconstructed  = denormalize(recon_n)                           # [B, d_in], input units
 
-normalize_activations:
-    expected_average_only_in  x_n = x - activation_mean; recon = recon_n + activation_mean.
-                              saetron's meaning (the seed's): a centering. SAELens uses the same
-                              name for a norm *rescaling*; the two are not interchangeable.
-    layer_norm                per token, SAELens' convention: mu = mean(x), s = std(x) (unbiased),
-                              x_n = (x - mu) / (s + 1e-5); recon = recon_n * s + mu.
-    none                      identity.
-
-`activation_mean` [d_in] is a buffer estimated exactly (float64 sums) by `estimate_activation_mean`
-over batches before training; it is saved with the model and is never trained.
+Every backend (kernels/backend.py: reference, torch, triton) runs the same forward: the normalization
+hands it (enc_in, shift, bias), the architecture its selection rules, and the backend encodes
+(pre-activations -> one Selection per rule) and decodes (code -> reconstruction). `activation_mean`
+[d_in] is a buffer estimated exactly (float64 sums) by `estimate_activation_mean` over batches before
+training; it is saved with the model and is never trained.
 
 Losses (`loss_dict`, all scalars):
     mse                 mean over tokens and elements of (recon_n - x_n)^2, in the SAE's (normalized) space
     l1                  l1_coeff * mean over tokens of sum_i f_i * ||W_dec[i]||
-    loss                mse + l1 for relu; mse for topk (sparsity is structural there; l1 is reported)
+    loss                mse + the architecture's sparsity loss when it is part of the loss (relu: l1;
+                        topk: none, its sparsity is structural; l1 is reported) + its auxiliary losses
     l0                  mean number of active latents per token (detached)
     explained_variance  1 - sum ||x - reconstructed||^2 / sum ||x - mean_batch(x)||^2 (input units, detached)
+An architecture may add keys (its sparsity loss when not `l1`, its auxiliary losses).
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saetron.kernels.dispatch import (
@@ -42,24 +41,19 @@ from saetron.kernels.dispatch import (
     BackendUnavailable,
     DensityGate,
     backend_ops,
-    dense_width_threshold,
     log_once,
     requested_backend,
     resolve_backend,
 )
-from saetron.kernels.reference import (
-    activate_ref,
-    normalize_rows_ref,
-    remove_parallel_grad_ref,
-    sparse_code_ref,
-)
+from saetron.kernels.selection import Selection
 from saetron.kernels.sparse_code import SparseCode
 
+from .architectures import LossInputs, get_architecture
 from .config import SAEConfig
 from .losses import explained_variance_of
-from .sparse_forward import sparse_forward
+from .normalization import LAYER_NORM_EPS, EncoderOperands, Normalization
 
-LAYER_NORM_EPS = 1e-5  # SAELens' value, so a layer_norm SAE exports to SAELens unchanged.
+__all__ = ["LAYER_NORM_EPS", "SparseAutoencoder"]
 
 
 class SparseAutoencoder(nn.Module):
@@ -83,8 +77,7 @@ class SparseAutoencoder(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {BACKENDS}")
         self.backend = backend
-        # sparse-path state: auto's dense choice, ReLU capacity
-        self._density_gate = DensityGate(dense_width_threshold(d_sae))
+        self._density_gate = DensityGate(d_sae)  # auto's per-batch choice of the reference backend
         self.cfg = SAEConfig(
             d_in=d_in,
             d_sae=d_sae,
@@ -100,6 +93,8 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
         self.register_buffer("activation_mean", torch.zeros(d_in, **factory))
+        self.normalization = Normalization(normalize_activations)
+        self.architecture = get_architecture(activation)(self.cfg, **factory)
         self.reset_parameters()
 
     # -- construction ---------------------------------------------------------------------------
@@ -184,33 +179,19 @@ class SparseAutoencoder(nn.Module):
 
     def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """x [B, d_in] -> (x_n [B, d_in], the statistics `denormalize` needs)."""
-        mode = self.cfg.normalize_activations
-        if mode == "expected_average_only_in":
-            return x - self.activation_mean.to(x.dtype), None
-        if mode == "layer_norm":
-            mu = x.mean(-1, keepdim=True)  # [B, 1]
-            std = (x - mu).std(-1, keepdim=True)  # [B, 1]
-            return (x - mu) / (std + LAYER_NORM_EPS), (mu, std)
-        return x, None
+        return self.normalization.normalize(x, self.activation_mean)
 
     def denormalize(self, recon_n: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
         """Inverse of `normalize` with the same token's statistics: [B, d_in] -> [B, d_in]."""
-        mode = self.cfg.normalize_activations
-        if mode == "expected_average_only_in":
-            return recon_n + self.activation_mean.to(recon_n.dtype)
-        if mode == "layer_norm":
-            mu, std = stats
-            return recon_n * std + mu
-        return recon_n
+        return self.normalization.denormalize(recon_n, stats, self.activation_mean)
 
     def encode(self, x_n: Tensor) -> Tensor:
-        """Normalized input [B, d_in] -> dense activations f [B, d_sae]."""
+        """Normalized input [B, d_in] -> dense activations f [B, d_sae]: the architecture's dense form."""
         sae_in = x_n - self.b_dec if self.cfg.apply_b_dec_to_input else x_n  # [B, d_in]
-        pre = sae_in @ self.W_enc + self.b_enc  # [B, d_sae]
-        return activate_ref(pre, self.cfg.activation, self.cfg.k)
+        return self.architecture.dense_activation(sae_in @ self.W_enc + self.b_enc)
 
     def decode(self, f: Tensor) -> Tensor:
-        """Activations f [B, d_sae] -> normalized reconstruction [B, d_in]."""
+        """Dense activations f [B, d_sae] -> normalized reconstruction [B, d_in]."""
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | SparseCode, dict[str, Tensor]]:
@@ -218,40 +199,65 @@ class SparseAutoencoder(nn.Module):
 
         `features` is dense [B, d_sae] on backend `reference` and a `SparseCode` (indices, values
         [B, K]; `.to_dense(d_sae)` for the dense form) on every other backend, `auto` included: a
-        batch that auto's density gate sends to the dense path (early ReLU training) has its features
-        converted, so the type never changes mid-training. `fired_latents` takes either. The
-        loss_dict is the same on every backend.
+        batch that auto's density gate sends to the reference backend (early ReLU training) returns
+        its code too, so the type never changes mid-training. The loss_dict is the same on every
+        backend.
         """
-        x = self._check_input(x)
-        x = x.to(self.W_enc.dtype)
+        x = self._check_input(x).to(self.W_enc.dtype)
+        requested = requested_backend(self.backend)
         backend = resolve_backend(self.backend, x.device)
-        auto = requested_backend(self.backend) == "auto"  # auto may send a batch to the dense path
-        if backend != "reference":
-            out = sparse_forward(self, x, backend, self._density_gate, dense_fallback=auto)
-            if out is not None:
-                return out
-        reconstructed, features, loss_dict = self._reference_forward(x)
-        if auto:
-            self._density_gate.observe_dense(features)
-            return reconstructed, sparse_code_ref(features.detach()), loss_dict
+        gate = self._density_gate if requested == "auto" else None
+        if gate is not None and gate.dense:
+            backend = "reference"
+        operands = self.normalization.encoder_operands(x, self.activation_mean, self.b_dec,
+                                                       self.cfg.apply_b_dec_to_input)
+        selections, code = self._encode(backend, operands)
+        if gate is not None:
+            if backend != "reference" and gate.too_wide(code.indices.shape[1], x.device):
+                backend = "reference"  # this batch's code is too wide to pay off: redo it dense
+                selections, code = self._encode(backend, operands)
+            elif backend == "reference":
+                gate.observe_dense(code.values.detach())
+        ops = backend_ops(backend)
+        out = ops.decode(code, self.W_dec, operands.bias)  # [B, d_in]
+        reconstructed = self.normalization.reconstruct(out, operands.stats)
+        loss_dict = self._losses(x, operands, out, reconstructed, selections, code, ops)
+        if self.training:
+            self.architecture.observe(selections, code)
+        features = code.to_dense(self.cfg.d_sae) if requested == "reference" else code
         return reconstructed, features, loss_dict
 
-    def _reference_forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The dense oracle (the seed's forward): x [B, d_in] -> (reconstructed, features, loss_dict)."""
-        x_n, stats = self.normalize(x)
-        features = self.encode(x_n)  # [B, d_sae]
-        recon_n = self.decode(features)  # [B, d_in]
-        reconstructed = self.denormalize(recon_n, stats)  # [B, d_in]
+    def _encode(self, backend: str, operands: EncoderOperands) -> tuple[list[Selection], SparseCode]:
+        """The architecture's selections of this batch on `backend`, and its code."""
+        rules = self.architecture.selection_rules()
+        ops = backend_ops(backend)
+        selections = ops.encode(operands.enc_in, operands.shift, self.W_enc, self.b_enc, rules)
+        return selections, self.architecture.activate(selections)
 
-        mse = (recon_n - x_n).pow(2).mean()
+    def _losses(self, x: Tensor, operands: EncoderOperands, out: Tensor, reconstructed: Tensor,
+                selections: list[Selection], code: SparseCode, ops) -> dict[str, Tensor]:
+        """The loss_dict of a batch (see the module docstring)."""
+        mse = F.mse_loss(out, operands.enc_in)  # one fused kernel each way: out - enc_in = recon_n - x_n
         decoder_norms = self.W_dec.norm(dim=-1)  # [d_sae]
-        l1 = self.cfg.l1_coeff * (features * decoder_norms).sum(-1).mean()
-        loss = mse + l1 if self.cfg.activation == "relu" else mse
+        l1 = self.cfg.l1_coeff * (code.values * decoder_norms[code.indices]).sum(-1).mean()
+        zero_bias = torch.zeros(self.cfg.d_in, dtype=self.W_dec.dtype, device=self.W_dec.device)
+        inputs = LossInputs(selections, code, decoder_norms, l1, operands.enc_in, out,
+                            lambda c: ops.decode(c, self.W_dec, zero_bias))
+        arch = self.architecture
+        sparsity = arch.sparsity_loss(inputs)
+        auxiliary = arch.auxiliary_losses(inputs)
+        loss = mse + sparsity if arch.sparsity_in_loss else mse
+        for term in auxiliary.values():
+            loss = loss + term
         with torch.no_grad():
-            l0 = (features > 0).sum(-1).float().mean()
-            explained_variance = explained_variance_of(x, reconstructed)
+            l0 = (code.values > 0).sum(-1).float().mean()
+            # sum ||x - reconstructed||^2 is the mse's numerator when both are in input units
+            residual = None if operands.stats is not None else mse.detach() * x.numel()
+            explained_variance = explained_variance_of(x, reconstructed, residual)
         loss_dict = {"loss": loss, "mse": mse, "l1": l1, "l0": l0, "explained_variance": explained_variance}
-        return reconstructed, features, loss_dict
+        loss_dict.setdefault(arch.sparsity_key, sparsity)
+        loss_dict.update(auxiliary)
+        return loss_dict
 
     # -- decoder-norm constraint ---------------------------------------------------------------
 
@@ -264,21 +270,13 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None:
             return
         W, G = _local(self.W_dec), _local(self.W_dec.grad)
-        backend = self._decoder_norm_backend(W.device)
-        if backend == "reference":
-            G.copy_(remove_parallel_grad_ref(W, G))
-        else:
-            backend_ops(backend).remove_parallel_grad_(W, G)
+        backend_ops(self._decoder_norm_backend(W.device)).remove_parallel_grad_(W, G)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """After the optimizer step: every W_dec row back to unit L2 norm."""
         W = _local(self.W_dec)
-        backend = self._decoder_norm_backend(W.device)
-        if backend == "reference":
-            W.copy_(normalize_rows_ref(W))
-        else:
-            backend_ops(backend).normalize_rows_(W)
+        backend_ops(self._decoder_norm_backend(W.device)).normalize_rows_(W)
 
     def _decoder_norm_backend(self, device: torch.device) -> str:
         """The forward's backend; a triton model whose weights sit on the CPU (just built, before

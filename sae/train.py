@@ -66,11 +66,11 @@ def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
     for group in optimizer.param_groups:
         group["lr"] = lr
     reconstructed, features, loss_dict = model(x)
-    if cfg.activation == "relu":  # the model's loss, mse + l1, with the l1 term warmed up
-        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
-        loss = loss_dict["mse"] + l1_scale * loss_dict["l1"]
-    else:
-        loss = loss_dict["loss"]
+    loss = loss_dict["loss"]
+    architecture = model.architecture
+    if architecture.sparsity_in_loss and cfg.l1_warmup_steps:  # the sparsity term warmed up
+        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)
+        loss = loss - (1.0 - l1_scale) * loss_dict[architecture.sparsity_key]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # The norm of the gradients as Adam uses them (W_dec's projected), its clip applied inside step().

@@ -1,20 +1,19 @@
-"""SparseAutoencoder on the sparse backends against the reference backend: outputs, losses, gradients.
+"""SparseAutoencoder's one forward on the sparse backends against the reference backend: outputs,
+losses, gradients; backend auto's per-batch fallback to the reference backend.
 
 The triton case runs the kernels under the interpreter on CPU (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton's first import).
 """
 
 import logging
-import types
 
 import pytest
 import torch
 
-from saetron.kernels import dispatch, torch_sparse
+from saetron.kernels import dispatch, reference
 from saetron.kernels.dispatch import BackendUnavailable
 from saetron.kernels.sparse_code import SparseCode
 from saetron.sae import SparseAutoencoder, fired_latents
-from saetron.sae import sparse_forward as sparse_forward_module
 
 NORMALIZATIONS = ("expected_average_only_in", "layer_norm", "none")
 # Relative to the largest entry of the reference tensor (losses: relative to themselves).
@@ -29,9 +28,10 @@ def _clean_env(monkeypatch):
 
 
 def on_grid(t, step=2.0**-6):
-    """Values on a 2^-6 grid: the centering and b_dec subtractions are exact in fp32 either way
-    ((x - mean) - b_dec on the reference, x - (mean + b_dec) fused), so both backends build
-    bit-identical pre-activations and a topk selection compares exactly (no near-tie swaps)."""
+    """Values on a 2^-6 grid. Every backend computes the same addmm(b_enc, x - shift, W_enc) (the
+    unchunked sparse encode and the dense reference alike), so their pre-activations are bit-identical
+    and a topk selection compares exactly; the grid also keeps the dense oracle `sae.encode`, which
+    subtracts (x - mean) - b_dec in two steps, exact."""
     return torch.round(t / step) * step
 
 
@@ -165,11 +165,14 @@ def test_triton_model_on_cpu(monkeypatch):
 
 
 def test_auto_density_gate(monkeypatch, caplog):
-    """auto runs dense while codes are wider than the threshold, then sparse again; same results."""
+    """auto runs a batch on the reference backend while codes are wider than the threshold, then sparse
+    again; same results, and the features stay a SparseCode."""
     monkeypatch.setattr(dispatch, "_logged", set())
     ref, ours, batch = make_pair(48, 200, "relu", "expected_average_only_in", False, torch.float64, b_enc=0.0)
     ours.backend = "auto"
     ours._density_gate.threshold = 40
+    calls = []
+    monkeypatch.setattr(reference, "encode", _counting(reference.encode, calls))
     x = batch(32)
     with caplog.at_level(logging.WARNING, logger="saetron.kernels.dispatch"):
         for _ in range(2):  # b_enc ~ 0: about half of the 200 latents fire
@@ -177,6 +180,9 @@ def test_auto_density_gate(monkeypatch, caplog):
             # dense path, features still a SparseCode (auto never changes the type)
             assert isinstance(features, SparseCode) and ours._density_gate.dense
             torch.testing.assert_close(reconstructed, ref(x)[0])
+    # the first batch: a sparse encode found the code too wide, then the reference backend; the
+    # second went to the reference backend directly (plus the reference model's own calls)
+    assert len(calls) == 2 + 2
     assert sum("dense path" in r.getMessage() for r in caplog.records) == 1
     with torch.no_grad():
         for sae in (ref, ours):
@@ -189,47 +195,28 @@ def test_auto_density_gate(monkeypatch, caplog):
     torch.testing.assert_close(reconstructed, ref(x)[0])
 
 
-def test_fixed_capacity_relu_encoder(monkeypatch, caplog):
-    """A ReLU encoder with a fixed capacity (the Triton one; here the torch one with a default of 4
-    slots) that overflows is retried wider; the capacity shrinks again once codes get narrower."""
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def test_auto_topk_wider_than_the_threshold_runs_dense(monkeypatch):
+    """A TopK code wider than the threshold (k > it) goes to the reference backend; same step."""
     monkeypatch.setattr(dispatch, "_logged", set())
-    capacities = []
-
-    def encode(x, shift, W_enc, b_enc, activation, k=None, capacity=None):
-        capacities.append(capacity)
-        capacity = 4 if capacity is None else capacity
-        return torch_sparse.encode(x, shift, W_enc, b_enc, activation, k=k, capacity=capacity)
-
-    fixed = types.SimpleNamespace(encode=encode, decode=torch_sparse.decode)
-    monkeypatch.setattr(sparse_forward_module, "backend_ops", lambda name: fixed)
-    ref, ours, batch = make_pair(48, 200, "relu", "expected_average_only_in", True, torch.float64, b_enc=-1.0)
-    x = batch(32)
-    with caplog.at_level(logging.WARNING, logger="saetron.kernels.dispatch"):
-        assert_same_step(ref, ours, x, torch.float64)
-    widest = int((ref(x)[1] > 0).sum(-1).max())
-    assert widest > 4 and capacities[0] is None and capacities[1] == ours._density_gate.capacity
-    assert ours._density_gate.capacity == min(200, max(64, -(-(widest * 5 // 4) // 64) * 64))
-    assert sum("overflowed" in r.getMessage() for r in caplog.records) == 1
-    with torch.no_grad():
-        for sae in (ref, ours):
-            sae.b_enc.fill_(-6.0)  # nearly nothing fires
-    assert_same_step(ref, ours, x, torch.float64)
-    assert ours._density_gate.capacity == 64
-
-
-def test_fixed_capacity_overflow_goes_dense_under_auto(monkeypatch):
-    def encode(x, shift, W_enc, b_enc, activation, k=None, capacity=None):
-        return torch_sparse.encode(x, shift, W_enc, b_enc, activation, k=k, capacity=capacity or 4)
-
-    fixed = types.SimpleNamespace(encode=encode, decode=torch_sparse.decode)
-    monkeypatch.setattr(sparse_forward_module, "backend_ops", lambda name: fixed)
-    ref, ours, batch = make_pair(48, 200, "relu", "none", False, torch.float64, b_enc=0.0)
+    ref, ours, batch = make_pair(48, 200, "topk", "none", False, torch.float64, k=50)
     ours.backend = "auto"
     ours._density_gate.threshold = 40
     x = batch(16)
     reconstructed, features, _ = ours(x)
-    assert isinstance(features, SparseCode) and ours._density_gate.dense
+    assert isinstance(features, SparseCode) and features.indices.shape == (16, 50)
+    assert ours._density_gate.dense
     torch.testing.assert_close(reconstructed, ref(x)[0])
+    ours._density_gate.threshold = 64  # wide enough: the next batch measures 50 and goes sparse again
+    ours(x)
+    assert not ours._density_gate.dense
 
 
 @pytest.mark.parametrize("activation", ["topk", "relu"])

@@ -6,8 +6,14 @@ import types
 import pytest
 import torch
 
-from saetron.kernels import dispatch, torch_sparse
-from saetron.kernels.dispatch import BackendUnavailable, DensityGate, backend_ops, resolve_backend
+from saetron.kernels import dispatch, reference, torch_sparse
+from saetron.kernels.dispatch import (
+    BackendUnavailable,
+    DensityGate,
+    backend_ops,
+    dense_width_threshold,
+    resolve_backend,
+)
 
 FAKE_TRITON = types.SimpleNamespace(name="fake triton_ops")
 
@@ -83,8 +89,8 @@ def test_environment_overrides(triton_present, monkeypatch):
 def test_bad_names():
     with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*allowed"):
         resolve_backend("cuda", "cpu")
-    with pytest.raises(ValueError, match="backend_ops takes"):
-        backend_ops("reference")
+    with pytest.raises(ValueError, match="backend_ops takes 'reference', 'torch' or 'triton'; got 'auto'"):
+        backend_ops("auto")
 
 
 def test_bad_environment_name(monkeypatch):
@@ -93,11 +99,12 @@ def test_bad_environment_name(monkeypatch):
         resolve_backend("auto", "cpu")
 
 
-def test_torch_ops_module():
-    ops = backend_ops("torch")
-    assert ops is torch_sparse
-    for name in ("encode", "decode", "remove_parallel_grad_", "normalize_rows_"):
-        assert callable(getattr(ops, name))
+def test_reference_and_torch_ops_modules():
+    assert backend_ops("reference") is reference
+    assert backend_ops("torch") is torch_sparse
+    for ops in (reference, torch_sparse):
+        for name in ("encode", "decode", "remove_parallel_grad_", "normalize_rows_"):
+            assert callable(getattr(ops, name)), name
 
 
 def test_triton_ops_interface_when_present(monkeypatch):
@@ -118,16 +125,24 @@ def test_log_once(caplog):
 
 
 def test_density_gate(caplog):
-    gate = DensityGate(threshold=10)
-    assert not gate.too_wide(10) and not gate.dense
+    gate = DensityGate(50, threshold=10)
+    cpu = torch.device("cpu")
+    assert not gate.too_wide(10, cpu) and not gate.dense
     with caplog.at_level(logging.WARNING, logger="saetron.kernels.dispatch"):
-        assert gate.too_wide(11) and gate.dense
-        gate.too_wide(12)
+        assert gate.too_wide(11, cpu) and gate.dense
+        gate.too_wide(12, cpu)
     assert len(caplog.records) == 1
-    features = torch.zeros(4, 50)
-    features[1, :11] = 1.0  # widest token: 11 active latents
-    gate.observe_dense(features)
+    values = torch.zeros(4, 20)
+    values[1, :11] = 1.0  # widest token: 11 active latents (padding holds 0)
+    gate.observe_dense(values)
     assert gate.dense
-    features[1, 10] = 0.0
-    gate.observe_dense(features)
+    values[1, 10] = 0.0
+    gate.observe_dense(values)
     assert not gate.dense
+
+
+def test_dense_width_thresholds_per_device():
+    """512 of 4608 latents (measured on CPU); the CUDA entry is the same fraction, unmeasured."""
+    assert dense_width_threshold(4608, "cpu") == 512
+    assert dense_width_threshold(4608 * 8, "cuda") == 512 * 8
+    assert DensityGate(4608)._threshold(torch.device("cpu")) == 512

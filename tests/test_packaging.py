@@ -35,8 +35,8 @@ def test_wheel_holds_only_saetron_packages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"saetron"}  # never top-level kernels/collect/bench (they collide on PyPI)
-    for module in ("saetron/sae/model.py", "saetron/kernels/reference.py", "saetron/collect/__init__.py",
-                   "saetron/eval/run.py"):
+    for module in ("saetron/sae/model.py", "saetron/sae/architectures/topk.py",
+                   "saetron/kernels/reference.py", "saetron/collect/__init__.py", "saetron/eval/run.py"):
         assert module in names
     # saetron is a namespace package: no saetron/__init__.py that could shadow another distribution
     assert "saetron/__init__.py" not in names

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,25 @@ def test_save_load_identity(tmp_path, activation, k):
             assert all(torch.equal(a[key], b[key]) for key in a)
         else:
             assert torch.equal(a, b)
+
+
+FORMAT_V1 = Path(__file__).parent / "data" / "sae_format_v1"  # written by saetron at format_version 1
+
+
+@pytest.mark.parametrize("name", ["relu_centered", "topk_layer_norm"])
+def test_files_of_format_version_1_load_and_compute_as_before(name):
+    """Folders saved by the first release of format_version 1 (d_in 8, d_sae 16), with the outputs that
+    release computed on a fixed batch: they load, and the forward gives the same outputs."""
+    sae = SparseAutoencoder.load(FORMAT_V1 / name, backend="reference")
+    expected = load_file(FORMAT_V1 / name / "expected.safetensors")
+    reconstructed, features, losses = sae(expected["x"])
+    # fp32, the same math regrouped (one addmm for the encoder, the shift subtracted in one step):
+    # round-off of sums of 8 terms of size ~5, so 1e-5
+    close = lambda a, b: torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-5)
+    close(reconstructed, expected["reconstructed"])
+    close(features, expected["features"])
+    for key, value in losses.items():
+        close(value.reshape(1), expected[f"loss_{key}"])
 
 
 def test_other_format_version_is_refused(tmp_path):

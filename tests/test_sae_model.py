@@ -225,7 +225,7 @@ def test_non_finite_input_is_refused(bad):
         ({"activation": "topk"}, r"topk.*needs k.*d_sae=16.*k=None"),
         ({"activation": "topk", "k": 17}, r"k must be an int in \[1, d_sae=16\]; got k=17"),
         ({"activation": "topk", "k": 0}, r"got k=0"),
-        ({"k": 4}, r"k=4 is only used with activation='topk'"),
+        ({"k": 4}, r"k=4 is not used with activation='relu'.*leave k unset"),
         ({"l1_coeff": -1.0}, r"l1_coeff must be >= 0; got -1.0"),
     ],
 )

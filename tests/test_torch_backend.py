@@ -1,15 +1,21 @@
-"""The torch backend (saetron.kernels.torch_sparse) against the dense references: outputs and gradients."""
+"""The torch backend (saetron.kernels.torch_sparse) against the dense references: outputs and gradients.
+
+The code is a Selection activated by ReLU (what the relu and topk architectures do): TopK is RowTopK(k),
+ReLU is Threshold(0). The oracle is dense: f = ReLU(pre) where select_mask_ref(pre, rule), 0 elsewhere.
+"""
 
 import pytest
 import torch
 
 from saetron.kernels import torch_sparse
+from saetron.kernels.backend import pre_activations
 from saetron.kernels.reference import (
     decode_ref,
-    encode_ref,
     normalize_rows_ref,
     remove_parallel_grad_ref,
+    select_mask_ref,
 )
+from saetron.kernels.selection import RowTopK, Threshold
 from saetron.kernels.sparse_code import CapacityExceeded, SparseCode
 
 # Tolerances, relative to the largest entry of the reference tensor:
@@ -44,6 +50,22 @@ def make_inputs(B, d, m, dtype, offset=0.5, dead_row=True):
     return [t.to(dtype).requires_grad_() for t in (x, shift, W_enc, b_enc, W_dec, bias)]
 
 
+def rule_of(activation, k=None, capacity=None):
+    return RowTopK(k) if activation == "topk" else Threshold(0.0, capacity=capacity)
+
+
+def encode(x, shift, W_enc, b_enc, activation, k=None, capacity=None) -> SparseCode:
+    """The torch backend's code: its selection, ReLU'd (0 at padding)."""
+    (sel,) = torch_sparse.encode(x, shift, W_enc, b_enc, [rule_of(activation, k, capacity)])
+    return SparseCode(sel.indices, torch.where(sel.valid, sel.pre.relu(), 0))
+
+
+def encode_dense(x, shift, W_enc, b_enc, activation, k=None):
+    """The dense oracle: f = ReLU(pre) at the rule's dense selection, [B, m]."""
+    pre = pre_activations(x, shift, W_enc, b_enc)  # [B, m]
+    return torch.where(select_mask_ref(pre.detach(), rule_of(activation, k)), pre.relu(), 0)
+
+
 def run_both(inputs, activation, k):
     """Forward and the gradients of every input on both sides, for one upstream loss.
 
@@ -54,12 +76,12 @@ def run_both(inputs, activation, k):
     g = torch.randn(x.shape[0], W_dec.shape[1], generator=gen, dtype=torch.float64).to(x.dtype)
     c = torch.randn(W_enc.shape[1], generator=gen, dtype=torch.float64).to(x.dtype)
 
-    code = torch_sparse.encode(x, shift, W_enc, b_enc, activation, k=k)
-    recon = torch_sparse.decode(code.indices, code.values, W_dec, bias)
+    code = encode(x, shift, W_enc, b_enc, activation, k)
+    recon = torch_sparse.decode(code, W_dec, bias)
     loss = (recon * g).sum() + (code.values * c[code.indices]).sum()
     grads = torch.autograd.grad(loss, inputs)
 
-    f = encode_ref(x, shift, W_enc, b_enc, activation, k)
+    f = encode_dense(x, shift, W_enc, b_enc, activation, k)
     recon_ref = decode_ref(f, W_dec, bias)
     loss_ref = (recon_ref * g).sum() + (f * c).sum()
     grads_ref = torch.autograd.grad(loss_ref, inputs)
@@ -69,7 +91,7 @@ def run_both(inputs, activation, k):
 def check(ours, ref, dtype, d_sae):
     code, recon, grads = ours
     f, recon_ref, grads_ref = ref
-    # pre is computed with encode_ref's expression, so the selection (and its values) is exact
+    # pre is the same addmm on both sides (one chunk), so the selection (and its values) is exact
     torch.testing.assert_close(code.to_dense(d_sae), f.detach(), rtol=0, atol=0)
     assert_close(recon, recon_ref, dtype, "recon")
     for name, a, b in zip(("x", "shift", "W_enc", "b_enc", "W_dec", "bias"), grads, grads_ref):
@@ -120,9 +142,11 @@ def test_latent_active_in_every_token():
 
 
 @pytest.mark.parametrize("activation", ["topk", "relu"])
-def test_bf16_upcasts_sparse_ops(activation):
-    """CPU CSR kernels have no bf16: the backend upcasts them to fp32 and casts the gradients back."""
+def test_bf16_sparse_ops(activation, monkeypatch):
+    """torch's sparse products have no bf16: the CSR matmuls upcast to fp32 and cast the gradients back,
+    dvalues comes from gathers (in blocks: GATHER_CHUNK_BYTES shrunk to 3 tokens per block here)."""
     inputs = make_inputs(64, 48, 200, torch.bfloat16, offset=1.0)
+    monkeypatch.setattr(torch_sparse, "GATHER_CHUNK_BYTES", 3 * 48 * 2 * (8 if activation == "topk" else 30))
     ours, ref = run_both(inputs, activation, 8 if activation == "topk" else None)
     assert ours[1].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in ours[2])
     check(ours, ref, torch.bfloat16, 200)
@@ -155,7 +179,7 @@ def test_decode_padding_repeats_and_zero_values():
     W_dec = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(d, dtype=torch.float64, requires_grad=True)
     g = torch.randn(B, d, dtype=torch.float64)
-    out = torch_sparse.decode(indices, values, W_dec, bias)
+    out = torch_sparse.decode(SparseCode(indices, values), W_dec, bias)
     grads = torch.autograd.grad((out * g).sum(), [values, W_dec, bias])
     out_ref = decode_ref(SparseCode(indices, values).to_dense(m), W_dec, bias)
     grads_ref = torch.autograd.grad((out_ref * g).sum(), [values, W_dec, bias])
@@ -166,12 +190,13 @@ def test_decode_padding_repeats_and_zero_values():
 
 def test_relu_capacity():
     x, shift, W_enc, b_enc, _, _ = make_inputs(16, 20, 64, torch.float64)
-    widest = int((encode_ref(x, shift, W_enc, b_enc, "relu") > 0).sum(-1).max())
-    code = torch_sparse.encode(x, shift, W_enc, b_enc, "relu", capacity=widest + 3)
+    widest = int((encode_dense(x, shift, W_enc, b_enc, "relu") > 0).sum(-1).max())
+    code = encode(x, shift, W_enc, b_enc, "relu", capacity=widest + 3)
     assert code.indices.shape == (16, widest + 3)
-    torch.testing.assert_close(code.to_dense(64), encode_ref(x, shift, W_enc, b_enc, "relu"), rtol=0, atol=0)
+    expected = encode_dense(x, shift, W_enc, b_enc, "relu")
+    torch.testing.assert_close(code.to_dense(64), expected, rtol=0, atol=0)
     with pytest.raises(CapacityExceeded) as err:
-        torch_sparse.encode(x, shift, W_enc, b_enc, "relu", capacity=widest - 1)
+        encode(x, shift, W_enc, b_enc, "relu", capacity=widest - 1)
     assert err.value.max_active == widest and err.value.capacity == widest - 1
 
 
@@ -180,9 +205,9 @@ def test_no_active_latent_in_batch():
     x, shift, W_enc, b_enc, W_dec, bias = make_inputs(8, 12, 20, torch.float64)
     with torch.no_grad():
         b_enc.fill_(-1e3)
-    code = torch_sparse.encode(x, shift, W_enc, b_enc, "relu")
+    code = encode(x, shift, W_enc, b_enc, "relu")
     assert code.indices.shape == (8, 1) and not bool(code.values.any())
-    recon = torch_sparse.decode(code.indices, code.values, W_dec, bias)
+    recon = torch_sparse.decode(code, W_dec, bias)
     grad_W, grad_b = torch.autograd.grad(recon.sum(), [W_enc, b_enc])
     assert not bool(grad_W.any()) and not bool(grad_b.any())
 
@@ -203,14 +228,16 @@ def test_decoder_norm_ops(dtype):
 
 def test_bad_arguments():
     x, shift, W_enc, b_enc = (t.detach() for t in make_inputs(4, 6, 10, torch.float32)[:4])
-    with pytest.raises(ValueError, match="unknown activation"):
-        torch_sparse.encode(x, shift, W_enc, b_enc, "gelu")
-    with pytest.raises(ValueError, match="needs k"):
-        torch_sparse.encode(x, shift, W_enc, b_enc, "topk", k=11)
+    with pytest.raises(ValueError, match="non-empty list of selection rules"):
+        torch_sparse.encode(x, shift, W_enc, b_enc, [])
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, d_sae=10\]; got 11"):
+        torch_sparse.encode(x, shift, W_enc, b_enc, [RowTopK(11)])
     with pytest.raises(ValueError, match=r"shift \[6\]"):
-        torch_sparse.encode(x, shift[:5], W_enc, b_enc, "relu")
+        torch_sparse.encode(x, shift[:5], W_enc, b_enc, [Threshold()])
     with pytest.raises(ValueError, match="W_enc"):
-        torch_sparse.encode(x[:, :5], shift, W_enc, b_enc, "relu")
+        torch_sparse.encode(x[:, :5], shift, W_enc, b_enc, [Threshold()])
+    with pytest.raises(ValueError, match="one float dtype and device.*b_enc torch.float64"):
+        torch_sparse.encode(x, shift, W_enc, b_enc.double(), [Threshold()])
     with pytest.raises(ValueError, match="int64 indices"):
         indices = torch.zeros(4, 2, dtype=torch.int32)
-        torch_sparse.decode(indices, torch.zeros(4, 2), torch.zeros(10, 6), torch.zeros(6))
+        torch_sparse.decode(SparseCode(indices, torch.zeros(4, 2)), torch.zeros(10, 6), torch.zeros(6))

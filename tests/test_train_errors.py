@@ -6,6 +6,7 @@ import pytest
 import torch
 from train_support import train_in_process, write_store
 
+from saetron.kernels import reference
 from saetron.sae import SparseAutoencoder
 from saetron.sae.checkpoint import complete_checkpoints
 
@@ -72,8 +73,8 @@ def test_nan_stops_before_the_step_and_keeps_the_checkpoint(store, tmp_path, mon
     (out / "checkpoints" / "step_00000099").mkdir()
     (out / "checkpoints" / "step_00000098.tmp").mkdir()
 
-    real_decode = SparseAutoencoder.decode
-    monkeypatch.setattr(SparseAutoencoder, "decode", lambda self, f: real_decode(self, f) * float("nan"))
+    real_decode = reference.decode  # the reference backend's decode (backend_ops returns the module)
+    monkeypatch.setattr(reference, "decode", lambda code, W, bias: real_decode(code, W, bias) * float("nan"))
     with pytest.raises(RuntimeError, match=r"step 4: loss nan .* not finite; stopped before the optimizer"):
         train_in_process(store, out, *FLAGS, "--max_steps", "8", "--resume", "--backend", "reference")
     assert complete_checkpoints(out / "checkpoints") == good

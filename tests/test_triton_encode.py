@@ -1,31 +1,27 @@
-"""Fused encode Triton kernel (relu and topk) and its backward (encoder backward) vs encode_ref.
+"""The Triton backend's encode (cuBLAS-style addmm chunks + Triton selects + the Triton encoder backward).
+
+What only the Triton backend does: its select kernels' tie rule (lowest column, lowest flat position
+first), the capacity-less Threshold's re-emit when the first 256 slots overflow, 16-bit and 32-bit keys
+over negative, zero and large values, which gradients its backward builds, and its argument checks.
+Every rule against the dense reference on every backend: tests/test_selection.py.
 
 Runs under the Triton interpreter on CPU: TRITON_INTERPRET=1 must be set before triton is first
-imported (triton builds its language interpreted or compiled at import): tests/conftest.py sets it;
-a CUDA machine runs the compiled kernels (tests/triton_support.py). Shapes stay small (each
-interpreted program costs ~10 ms; tl.topk's sort network is the slow part, so topk cases use few row blocks).
-
-Inputs are bf16-exact: x and shift are multiples of 1/8 in [-4, 4], so x - shift is exact in bf16
-and in fp32, and the kernel (which rounds x - shift to the input dtype, like the reference) sees the
-same operands as the fp32 oracle: encode_ref in fp32 on the upcast inputs. The top-k set can then
-only differ at a near-tie of ~1e-6 (fp32 summation order), improbable with random data.
-
-Tolerances (the compared tensors are the dense activations and the gradients of shift, W_enc, b_enc):
-  fp32: summation order only; worst case n * eps = 576 * 6e-8 = 3.4e-5 of the terms' magnitude,
-        so rtol = 1e-4, atol = 1e-4 x the largest |expected|.
-  bf16: fp32 accumulation rounded once to bf16 (2^-8 relative): rtol = 2^-7 (two ulps),
-        atol = 2^-7 x the largest |expected| (cancellations scale with the largest term).
+imported (tests/conftest.py sets it); a CUDA machine runs the compiled kernels (tests/triton_support.py).
+The relu/topk codes below are ReLU'd selections (what the relu and topk architectures build), compared
+with the fp64 dense oracle on the same selected slots (tolerances: selection_support.GRAD_TOL).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from triton_support import DEVICE, assert_close
+from selection_support import assert_grads_close, check_selection, dense_choice, grid_inputs
+from triton_support import DEVICE
 
-from saetron.kernels.reference import encode_ref
+from saetron.kernels.backend import pre_activations
+from saetron.kernels.selection import BatchTopK, RowTopK, Threshold
 from saetron.kernels.sparse_code import CapacityExceeded
-from saetron.kernels.triton_encode import encode
+from saetron.kernels.triton_ops import encode
 
 
 def make_inputs(case: str, B: int, d: int, d_sae: int, dtype: torch.dtype):
@@ -42,27 +38,27 @@ def make_inputs(case: str, B: int, d: int, d_sae: int, dtype: torch.dtype):
     return [t.to(DEVICE, dtype) for t in (x, shift, W_enc, b_enc)]
 
 
-def run_both(case, B, d, d_sae, dtype, activation, k=None, capacity=None):
-    """(code, dense f, grads) of the kernel and (dense f, grads) of the fp32 reference."""
+def run_code(case, B, d, d_sae, dtype, rule):
+    """(selection, relu'd dense code f, grads of sum(f * weight)), and the fp64 oracle's on those slots."""
     x, shift, W_enc, b_enc = make_inputs(case, B, d, d_sae, dtype)
-    weight = torch.randn(B, d_sae).to(DEVICE, dtype)  # loss = sum(f * weight): dL/df = weight
     params = [t.clone().requires_grad_() for t in (shift, W_enc, b_enc)]
-    code = encode(x, *params, activation, k=k, capacity=capacity)
-    f = code.to_dense(d_sae)
-    (f * weight).sum().backward()
-    params32 = [t.float().requires_grad_() for t in (shift, W_enc, b_enc)]
-    f32 = encode_ref(x.float(), *params32, activation, k)
-    (f32 * weight.float()).sum().backward()
-    return code, f, [p.grad for p in params], f32, [p.grad for p in params32]
+    (sel,) = encode(x, *params, [rule])
+    check_selection(pre_activations(x, shift, W_enc, b_enc), rule, sel)
+    weight = torch.randn(B, d_sae, device=DEVICE).to(dtype).double()  # dL/df, exact in the dtype
+    values = torch.where(sel.valid, sel.pre.relu(), 0)  # [B, K]
+    f = torch.zeros(B, d_sae, dtype=dtype, device=DEVICE).scatter_add(1, sel.indices, values)
+    grads = torch.autograd.grad((f.double() * weight).sum(), params)
+    params64 = [t.double().requires_grad_() for t in (shift, W_enc, b_enc)]
+    pre64 = pre_activations(x.double(), *params64).gather(1, sel.indices)
+    f64 = torch.zeros(B, d_sae, dtype=torch.float64, device=DEVICE).scatter_add(
+        1, sel.indices, torch.where(sel.valid, pre64.relu(), 0))
+    return sel, f, grads, torch.autograd.grad((f64 * weight).sum(), params64)
 
 
-# (case, B, d, d_sae): d=576 (SmolLM2's width: 18 K-steps of 32 when interpreted, 9 of 64 on GPU),
-# d and d_sae not multiples of the blocks (interpreted BLOCK_B=16, BLOCK_M=32, BLOCK_K=32).
-RELU_CASES = [
-    ("random", 16, 576, 64),
-    ("dead_token", 20, 70, 100),
-    ("always_on", 12, 45, 77),
-]
+# (case, B, d, d_sae, dtype): d=576 (SmolLM2's width), d_sae not a multiple of the interpreter's 128-column
+# tile. Both dtypes of every rule on every backend: tests/test_selection.py; here one or two per case.
+RELU_CASES = [("random", 16, 576, 64, torch.bfloat16), ("dead_token", 20, 70, 100, torch.float32),
+              ("dead_token", 20, 70, 100, torch.bfloat16), ("always_on", 12, 45, 77, torch.float32)]
 TOPK_CASES = [  # (case, B, d, d_sae, k): k=1, a power of two, a non power of two, k = d_sae
     ("random", 8, 576, 40, 8),
     ("dead_token", 10, 70, 100, 5),
@@ -71,77 +67,105 @@ TOPK_CASES = [  # (case, B, d, d_sae, k): k=1, a power of two, a non power of tw
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case,B,d,d_sae", RELU_CASES, ids=[c[0] for c in RELU_CASES])
-def test_encode_relu_matches_reference(case, B, d, d_sae, dtype):
-    code, f, grads, f32, grads32 = run_both(case, B, d, d_sae, dtype, "relu", capacity=d_sae)
-    assert code.indices.dtype == torch.int64 and code.values.dtype == dtype
-    assert code.values.shape == (B, d_sae)
-    assert_close(f, f32, dtype)
-    for name, g, g32 in zip(("shift", "W_enc", "b_enc"), grads, grads32):
-        assert g.dtype == dtype and g.shape == g32.shape, name
-        assert_close(g, g32, dtype)
+@pytest.mark.parametrize("case,B,d,d_sae,dtype", RELU_CASES, ids=[f"{c[0]}-{c[4]}" for c in RELU_CASES])
+def test_relu_code_matches_reference(case, B, d, d_sae, dtype):
+    sel, f, grads, grads64 = run_code(case, B, d, d_sae, dtype, Threshold(0.0, capacity=d_sae))
+    assert sel.indices.dtype == torch.int64 and sel.pre.dtype == dtype
+    assert sel.pre.shape == (B, d_sae)
+    assert_grads_close(grads, grads64, dtype)
     if case == "dead_token":
-        assert int((code.values[0] > 0).sum()) == 0
+        assert int((f[0] > 0).sum()) == 0
     if case == "always_on":
-        assert bool(((code.indices == 3) & (code.values > 0)).any(1).all())
+        assert bool((f[:, 3] > 0).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case,B,d,d_sae,k", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
-def test_encode_topk_matches_reference(case, B, d, d_sae, k, dtype):
-    code, f, grads, f32, grads32 = run_both(case, B, d, d_sae, dtype, "topk", k=k)
-    assert code.values.shape == (B, k) and code.indices.shape == (B, k)
-    assert all(len(set(row.tolist())) == k for row in code.indices), "a row repeats a latent"
-    assert_close(f, f32, dtype)
-    for name, g, g32 in zip(("shift", "W_enc", "b_enc"), grads, grads32):
-        assert g.dtype == dtype and g.shape == g32.shape, name
-        assert_close(g, g32, dtype)
+def test_topk_code_matches_reference(case, B, d, d_sae, k, dtype):
+    sel, f, grads, grads64 = run_code(case, B, d, d_sae, dtype, RowTopK(k))
+    assert sel.pre.shape == (B, k) and sel.indices.shape == (B, k)
+    assert all(len(set(row.tolist())) == k for row in sel.indices), "a row repeats a latent"
+    assert_grads_close(grads, grads64, dtype)
     if case == "always_on":
-        assert bool((code.indices[:, 0] == 3).all()), "k=1 must pick the latent active in every token"
+        assert bool((sel.indices[:, 0] == 3).all()), "k=1 must pick the latent active in every token"
+    if case == "dead_token":  # picks of all-negative pre-activations: ReLU'd to 0, no gradient
+        assert int((f[0] > 0).sum()) == 0
 
 
-def test_encode_relu_capacity_exceeded_reports_the_count():
+def test_ties_go_to_the_lowest_column_and_position():
+    """Many equal pre-activations: RowTopK takes the lowest columns among the ties, BatchTopK the
+    lowest flat positions (token-major), so chunked and whole encodes choose alike."""
+    B, d, m = 6, 8, 40
+    x = torch.zeros(B, d, device=DEVICE)
+    shift = torch.zeros(d, device=DEVICE)
+    W_enc = torch.zeros(d, m, device=DEVICE)
+    b_enc = torch.zeros(m, device=DEVICE)
+    b_enc[[5, 30]] = 2.0  # two clear winners, then 38 ties at 0 in every token
+    (row, batch) = encode(x, shift, W_enc, b_enc, [RowTopK(5), BatchTopK(4)])
+    assert torch.equal(torch.sort(row.indices, 1).values,
+                       torch.tensor([[0, 1, 2, 5, 30]] * B, device=DEVICE))
+    # 24 = 12 winners + 12 ties, all from token 0 (the lowest flat positions): its lowest tied latents
+    chosen = dense_choice(batch, m)
+    assert chosen[:, [5, 30]].all() and int(chosen.sum()) == 24
+    expected_ties = torch.zeros(B, m, dtype=torch.bool, device=DEVICE)
+    expected_ties[0, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]] = True
+    chosen[:, [5, 30]] = False
+    assert torch.equal(chosen, expected_ties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_keys_order_signs_zeros_and_extremes(dtype):
+    """The order-preserving keys: negative, -0/+0, tiny and huge values select like torch.topk."""
+    values = torch.tensor([-3e38, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 1.0, 2.0, 3e38])
+    pre = values[torch.randperm(10)].repeat(3, 1)  # [3, 10]: as pre-activations of b_enc alone
+    x, shift = torch.zeros(3, 4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    W_enc = torch.zeros(4, 10, device=DEVICE)
+    (sel,) = encode(x.to(dtype), shift.to(dtype), W_enc.to(dtype), pre[0].to(DEVICE, dtype), [RowTopK(6)])
+    expected = torch.topk(pre[0].to(dtype), 6).values.float()  # ... 1e-30, then one of -0/+0
+    assert torch.equal(torch.sort(sel.pre.float(), 1, descending=True).values,
+                       expected.to(DEVICE).repeat(3, 1))
+
+
+def test_threshold_capacity_exceeded_reports_the_count():
     x, shift, W_enc, b_enc = make_inputs("random", 16, 40, 64, torch.float32)
     b_enc = torch.full_like(b_enc, 50.0)  # every latent active in every token: 64 per token
     with pytest.raises(CapacityExceeded) as info:
-        encode(x, shift, W_enc, b_enc, "relu", capacity=10)
+        encode(x, shift, W_enc, b_enc, [Threshold(0.0, capacity=10)])
     assert info.value.max_active == 64 and info.value.capacity == 10
+
+
+def test_threshold_without_capacity_fits_the_widest_row():
+    """capacity=None: the 256-slot first emit overflows (295 active), one exact re-emit, K = 295."""
+    x, shift, W_enc, b_enc = make_inputs("random", 4, 16, 300, torch.float32)
+    b_enc = torch.full_like(b_enc, 50.0)  # every latent active in every token
+    b_enc[:5] = -50.0  # ... but five: the widest row has 295
+    (sel,) = encode(x, shift, W_enc, b_enc, [Threshold(0.0)])
+    assert sel.pre.shape == (4, 295)
+    check_selection(pre_activations(x, shift, W_enc, b_enc), Threshold(0.0), sel)
+    sparse = grid_inputs(4, 40, torch.float32)
+    (sel,) = encode(*sparse, [Threshold(0.0)])
+    assert sel.pre.shape[1] == int((pre_activations(*sparse) > 0).sum(1).max())
+
+
+def test_backward_computes_only_requested_gradients():
+    """Only b_enc requires a gradient: db_enc comes from the batch reduction, nothing else is built."""
+    x, shift, W_enc, b_enc = make_inputs("random", 8, 40, 64, torch.float32)
+    b = b_enc.clone().requires_grad_()
+    (sel,) = encode(x, shift, W_enc, b, [RowTopK(4)])
+    weight = torch.randn(8, 4, device=DEVICE)
+    (sel.pre * weight).sum().backward()
+    expected = torch.zeros(64, device=DEVICE).index_add_(0, sel.indices.reshape(-1), weight.reshape(-1))
+    assert shift.grad is None and W_enc.grad is None
+    torch.testing.assert_close(b.grad, expected, rtol=1e-6, atol=1e-6)  # fp32 sums of <= 8 terms
 
 
 def test_encode_rejects_bad_arguments():
     x, shift, W_enc, b_enc = make_inputs("random", 4, 8, 16, torch.float32)
-    with pytest.raises(ValueError, match=r"k in \[1, d_sae=16\]"):
-        encode(x, shift, W_enc, b_enc, "topk", k=17)
-    with pytest.raises(ValueError, match=r"b_enc: expected shape \(16,\); got \(15,\)"):
-        encode(x, shift, W_enc, b_enc[:15], "relu")
-    with pytest.raises(ValueError, match="shift: expected dtype torch.float32"):
-        encode(x, shift.bfloat16(), W_enc, b_enc, "relu")
-    with pytest.raises(ValueError, match="unknown activation"):
-        encode(x, shift, W_enc, b_enc, "gelu")
-
-
-def test_encode_backward_computes_only_requested_gradients():
-    """Only b_enc requires a gradient: db_enc comes from the batch reduction, nothing else is built."""
-    x, shift, W_enc, b_enc = make_inputs("random", 8, 40, 64, torch.float32)
-    b = b_enc.clone().requires_grad_()
-    code = encode(x, shift, W_enc, b, "topk", k=4)
-    weight = torch.randn(8, 64, device=DEVICE)
-    (code.to_dense(64) * weight).sum().backward()
-    b32 = b_enc.clone().requires_grad_()
-    (encode_ref(x, shift, W_enc, b32, "topk", 4) * weight).sum().backward()
-    assert shift.grad is None and W_enc.grad is None
-    assert_close(b.grad, b32.grad, torch.float32)
-
-
-def test_encode_relu_without_capacity_fits_the_widest_row():
-    """capacity=None: the 256-slot first pass overflows (300 active), one exact rerun, K = 300."""
-    x, shift, W_enc, b_enc = make_inputs("random", 4, 16, 300, torch.float32)
-    b_enc = torch.full_like(b_enc, 50.0)  # every latent active in every token
-    b_enc[:5] = -50.0  # ... but five: the widest row has 295
-    code = encode(x, shift, W_enc, b_enc, "relu")
-    assert code.values.shape == (4, 295)
-    assert_close(code.to_dense(300), encode_ref(x, shift, W_enc, b_enc, "relu"), torch.float32)
-    sparse = make_inputs("random", 4, 16, 40, torch.float32)
-    code = encode(*sparse, "relu")
-    assert code.values.shape[1] == int((encode_ref(*sparse, "relu") > 0).sum(1).max())
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, d_sae=16\]; got 17"):
+        encode(x, shift, W_enc, b_enc, [RowTopK(17)])
+    with pytest.raises(ValueError, match=r"shift \[8\] and b_enc \[16\]; got \(8,\) and \(15,\)"):
+        encode(x, shift, W_enc, b_enc[:15], [Threshold()])
+    with pytest.raises(ValueError, match="one float dtype and device.*shift torch.bfloat16"):
+        encode(x, shift.bfloat16(), W_enc, b_enc, [Threshold()])
+    with pytest.raises(ValueError, match="x: expected a float32/bfloat16/float16 tensor; got torch.float64"):
+        encode(*(t.double() for t in (x, shift, W_enc, b_enc)), [Threshold()])

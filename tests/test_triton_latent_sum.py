@@ -17,7 +17,9 @@ import pytest
 import torch
 from triton_support import DEVICE, assert_close
 
-from saetron.kernels.reference import encode_ref, sparse_code_ref, sparse_decode_ref
+from saetron.kernels import reference
+from saetron.kernels.reference import sparse_decode_ref
+from saetron.kernels.selection import RowTopK
 from saetron.kernels.sparse_code import SparseCode
 from saetron.kernels.triton_encoder_bwd import encoder_bwd
 from saetron.kernels.triton_latent_sum import latent_row_sum
@@ -71,10 +73,11 @@ def test_encoder_backward_matches_reference(case, B, K, d_sae, d, dtype):
     b_enc[HOT], b_enc[DEAD] = 100.0, -100.0  # HOT in every token's top k, DEAD in none
     b_enc = b_enc.to(DEVICE, dtype)
     ref = [t.float().requires_grad_() for t in (shift, W_enc, b_enc)]
-    f = encode_ref(x.float(), *ref, "topk", K)  # [B, d_sae]
-    code = sparse_code_ref(f.detach(), K)
+    (sel,) = reference.encode(x.float(), *ref, [RowTopK(K)])  # dense GEMM, top-K per token, autograd
+    values = torch.where(sel.valid, sel.pre.relu(), 0.0)  # [B, K]
+    code = SparseCode(sel.indices, values.detach())
     upstream = torch.randn(B, K, device=DEVICE)
-    f.backward(torch.zeros_like(f).scatter(1, code.indices, upstream))
+    values.backward(upstream)
 
     dpre = (upstream * (code.values > 0)).to(dtype)  # [B, K]: the ReLU mask of the picks
     dshift, dW_enc, db_enc = encoder_bwd(x, shift, W_enc, code.indices, dpre)
