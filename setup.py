@@ -40,7 +40,7 @@ setup(
     entry_points={
         "console_scripts": [
             "saetron-collect=saetron.collect.__main__:main",
-            "saetron-train=saetron.sae.train:main",
+            "saetron-train=saetron.sae.train:cli",
         ],
     },
 )

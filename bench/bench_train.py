@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     shard_model(model.to(env.device), env, compute)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     yield cfg, store, order, model, optimizer, env
-    shutdown_distributed()
+    shutdown_distributed(env, completed=True)
 
 
 def _sync() -> None:

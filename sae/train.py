@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 import types
 import typing
 from dataclasses import replace
@@ -34,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .checkpoint import complete_checkpoints, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import SAEConfig
 from .data import ActivationStore, BatchLoader, ShuffleOrder, check_batch_size, stats_batches
-from .distributed import DistEnv, init_distributed, shard_model, shutdown_distributed
+from .distributed import DistEnv, exit_process, init_distributed, shard_model, shutdown_distributed
 from .metrics import Metrics, MetricsFile, format_line
 from .model import SparseAutoencoder
 from .train_config import TrainConfig, field_docs
@@ -263,14 +264,32 @@ def parse_bool(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse argv, train, leave the process group in order; returns the last metrics (rank 0's view).
+    Errors propagate; `cli` turns them into an exit status."""
     cfg = parse_args(argv)
     env = init_distributed()
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(message)s")
+    completed = False
     try:
-        return train(cfg, env)
+        last = train(cfg, env)
+        completed = True
+        return last
     finally:
-        shutdown_distributed()
+        shutdown_distributed(env, completed)
+
+
+def cli() -> None:
+    """The console entry point (`saetron-train`, `python -m saetron.sae.train`): main(), then exit."""
+    code = 1
+    try:
+        main()
+        code = 0
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its message already printed)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    exit_process(code)
 
 
 if __name__ == "__main__":
-    main()
+    cli()
