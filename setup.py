@@ -39,7 +39,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "saetron-collect=saetron.collect.__main__:main",
+            "saetron-collect=saetron.collect.__main__:cli",
             "saetron-train=saetron.sae.train:cli",
         ],
     },
