@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(CollectConfig):
         flag = f"--{field.name}"
         required = field.default is dataclasses.MISSING
-        default = None if required else field.default
+        default = argparse.SUPPRESS if required else field.default  # absent unless given: no "(default"
         if hints[field.name] is bool:
             parser.add_argument(flag, action="store_true", help=_help(field.name))
             continue
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repair is None:
         missing = [f"--{f.name}" for f in dataclasses.fields(CollectConfig)
-                   if f.default is dataclasses.MISSING and getattr(args, f.name) is None]
+                   if f.default is dataclasses.MISSING and not hasattr(args, f.name)]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)} (or --repair FOLDER)")
     return args

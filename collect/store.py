@@ -298,14 +298,17 @@ def check_shard(folder: Path, manifest: dict, index: int) -> tuple[int, dict]:
         if not isinstance(info, dict) or (info.get("shape"), info.get("dtype")) != (shape, dtype):
             got = (info.get("shape"), info.get("dtype")) if isinstance(info, dict) else "nothing"
             raise StoreError(f"shard {path}: {name} is {got}, the manifest needs {shape} {dtype}")
-        begin, end = info["data_offsets"]
-        if end - begin != int(np.prod(shape)) * ITEMSIZE[dtype]:
-            raise StoreError(f"shard {path}: {name} spans {end - begin} bytes, {shape} {dtype} needs "
-                             f"{int(np.prod(shape)) * ITEMSIZE[dtype]}: the header is corrupt")
-    size, needed = path.stat().st_size, offset + max(t["data_offsets"][1] for k, t in header.items()
-                                                      if k != "__metadata__")
+        span = info.get("data_offsets")
+        nbytes = int(np.prod(shape)) * ITEMSIZE[dtype]
+        if not (isinstance(span, list) and len(span) == 2 and all(_is_int(v) for v in span)
+                and span[1] - span[0] == nbytes):
+            raise StoreError(f"shard {path}: {name} has data_offsets {span!r}, {shape} {dtype} needs "
+                             f"{nbytes} bytes: the header is corrupt")
+    size = path.stat().st_size
+    needed = offset + max(header[name]["data_offsets"][1] for name in expected)
     if size != needed:
-        raise StoreError(f"shard {path} is truncated: {size} bytes on disk, its header needs {needed}")
+        state = "truncated" if size < needed else "damaged (longer than its header says)"
+        raise StoreError(f"shard {path} is {state}: {size} bytes on disk, its header needs {needed}")
     return offset, header
 
 
