@@ -45,8 +45,11 @@ def test_usage_errors_are_one_line_with_status_2(store, tmp_path, flags, message
 def test_usage_error_under_torchrun_is_one_line_per_rank(store, tmp_path):
     done = torchrun(2, store, tmp_path / "out", *FLAGS, "--batch_size", "255")
     ours = [line for line in done.stderr.splitlines() if line.startswith("saetron-train:")]
-    assert sorted(ours) == [f"saetron-train: error (rank {r}): --batch_size 255 is the global batch; it must "
-                            "divide by the 2 ranks: use a multiple of 2" for r in (0, 1)], done.stderr
+    # Every rank prints its line; torchrun stops the other rank as soon as the first one exits, so one
+    # or both lines arrive.
+    expected = "saetron-train: error (rank {}): --batch_size 255 is the global batch; it must divide by " \
+               "the 2 ranks: use a multiple of 2"
+    assert 1 <= len(ours) <= 2 and set(ours) <= {expected.format(r) for r in (0, 1)}, done.stderr
     assert "[rank0]:" not in done.stderr and "[rank1]:" not in done.stderr  # no worker traceback
     assert "exitcode  : 2" in done.stderr  # torchrun's own summary of the failed workers
 
