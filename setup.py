@@ -42,8 +42,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "saetron-collect=saetron.collect.__main__:main",
-            "saetron-train=saetron.sae.train:main",
+            "saetron-collect=saetron.collect.__main__:cli",
+            "saetron-train=saetron.sae.train:cli",
             "saetron-eval=saetron.eval.__main__:main",
         ],
     },

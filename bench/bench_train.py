@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     shard_model(model.to(env.device), env, compute)
     optimizer = SAEAdam(model, lr=cfg.lr)
     yield cfg, store, order, model, optimizer, env
-    shutdown_distributed()
+    shutdown_distributed(env, completed=True)
 
 
 def _sync() -> None:

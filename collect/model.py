@@ -47,10 +47,15 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
         if not ggufs:
             raise ValueError(f"--model {SMOLLM2_WHEEL}: no .gguf file in {folder}; reinstall the wheel")
         return folder, ggufs[0]
+    spec = os.path.expanduser(spec)
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise ValueError(f"--model {spec}: no such .gguf file")
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    # A hub id is `name` or `org/name`; anything else that does not exist is a mistyped local path.
+    if not os.path.exists(spec) and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+        raise ValueError(f"--model {spec}: no such file or folder; give a local model folder, a .gguf file, "
+                         f"a hub id (org/name) or {SMOLLM2_WHEEL}")
     return spec, None
 
 

@@ -6,9 +6,12 @@ Pipeline, so the GPU never waits for the disk:
      forward by `wait_stream`;
   2. `close_shard` records an event on that stream and queues the buffer for the writer thread, then
      takes the next buffer from the free list (blocking only when every buffer is in flight);
-  3. the writer thread waits on the event, writes the shard under a temporary name, renames it,
-     rewrites the manifest, and returns the buffer to the free list.
-On CPU the same pipeline runs with plain buffers, a synchronous copy and no events.
+  3. the writer thread waits on the event, leaves out the rows whose norm is not finite (NaN/Inf:
+     counted in the shard's entry and logged with their tokens), writes the shard under a temporary
+     name, renames it, rewrites the manifest, and returns the buffer to the free list.
+Each row's L2 norm is computed where the activations are (the GPU) and travels with them: the
+manifest's per-shard norm statistics and the non-finite check cost the writer thread no pass over
+the activations. On CPU the same pipeline runs with plain buffers, a synchronous copy and no events.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import os
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .store import shard_name, write_manifest, write_shard
+from .store import row_norms, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class HostBuffer:
     activations: torch.Tensor  # [capacity, d_model], stored dtype
     token_ids: torch.Tensor  # [capacity] int32
     positions: torch.Tensor  # [capacity] int32
+    norms: torch.Tensor  # [capacity] float32, L2 norm of each row
     rows: int = 0
 
     @classmethod
@@ -45,15 +50,22 @@ class HostBuffer:
             return torch.empty(*shape, dtype=dtype, pin_memory=pin)
 
         return cls(empty(capacity, d_model, dtype=dtype), empty(capacity, dtype=torch.int32),
-                   empty(capacity, dtype=torch.int32))
+                   empty(capacity, dtype=torch.int32), empty(capacity, dtype=torch.float32))
 
 
 class ShardWriter:
-    """Fills host buffers from `append` and writes each closed one as the next shard of `manifest`."""
+    """Fills host buffers from `append` and writes each closed one as the next shard of `manifest`.
+
+    `describe_token(token_id) -> str` names a token in the warning about non-finite rows (the
+    collector passes the tokenizer's decode); `nonfinite_rows` counts the rows left out so far.
+    """
 
     def __init__(self, output_dir: str, manifest: dict, capacity: int, d_model: int, dtype: torch.dtype,
-                 device: torch.device, num_buffers: int = 3):
+                 device: torch.device, num_buffers: int = 3,
+                 describe_token: Callable[[int], str] = lambda token_id: f"id {token_id}"):
         self.output_dir, self.manifest = output_dir, manifest
+        self.describe_token = describe_token
+        self.nonfinite_rows = 0
         self.cuda = device.type == "cuda"
         self._free: queue.Queue = queue.Queue()
         for _ in range(num_buffers):
@@ -73,8 +85,8 @@ class ShardWriter:
         return self._current.rows if self._current is not None else 0
 
     def _check(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"the shard writer failed: {self._error}") from self._error
+        if self._error is not None:  # raised again as it is: its traceback shows where it happened
+            raise self._error
 
     def _take_free(self) -> HostBuffer:
         while True:
@@ -91,6 +103,7 @@ class ShardWriter:
         buf, n = self._current, activations.shape[0]
         lo, hi = buf.rows, buf.rows + n
         assert hi <= buf.activations.shape[0], "a shard buffer overflowed: capacity < shard_tokens + batch"
+        norms = row_norms(activations)  # [n] float32, on the activations' device
         if activations.is_cuda:
             stream = self._streams.get(activations.device)
             if stream is None:
@@ -98,9 +111,12 @@ class ShardWriter:
             stream.wait_stream(torch.cuda.current_stream(activations.device))  # after the forward
             with torch.cuda.stream(stream):
                 buf.activations[lo:hi].copy_(activations, non_blocking=True)
+                buf.norms[lo:hi].copy_(norms, non_blocking=True)
             activations.record_stream(stream)  # its memory is not reused before the copy ends
+            norms.record_stream(stream)
         else:
             buf.activations[lo:hi].copy_(activations)
+            buf.norms[lo:hi].copy_(norms)
         buf.token_ids[lo:hi] = token_ids
         buf.positions[lo:hi] = positions
         buf.rows = hi
@@ -135,17 +151,24 @@ class ShardWriter:
             self._free.put(buf)
 
     def _write(self, buf: HostBuffer, stream_state: dict) -> None:
-        index, n = len(self.manifest["shards"]), buf.rows
-        name = shard_name(index)
-        self.bytes_written += write_shard(
-            os.path.join(self.output_dir, name), buf.activations[:n], buf.token_ids[:n],
-            buf.positions[:n], self.manifest,
-        )
-        self.manifest["shards"].append({"file": name, "tokens": n})
-        self.manifest["total_tokens"] += n
-        self.manifest["stream_state"] = stream_state
-        write_manifest(self.output_dir, self.manifest)
-        logger.debug("wrote %s: %d tokens", name, n)
+        n, name = buf.rows, shard_name(len(self.manifest["shards"]))
+        columns = (buf.activations[:n], buf.token_ids[:n], buf.positions[:n], buf.norms[:n])
+        finite = torch.isfinite(columns[3])  # [n]
+        dropped = n - int(finite.sum())
+        if dropped:
+            bad = (~finite).nonzero().squeeze(1)[:5].tolist()
+            tokens = ", ".join(f"{self.describe_token(int(buf.token_ids[i]))!r} at position "
+                               f"{int(buf.positions[i])}" for i in bad)
+            if dropped == n:
+                raise RuntimeError(f"every one of the {n} rows of {name} has a NaN or Inf activation (e.g. "
+                                   f"{tokens}): the model's forward is broken at this layer; try --dtype "
+                                   "float32 or another --target_layer")
+            logger.warning("%s: left out %d row(s) of %d whose activations hold a NaN or Inf: %s%s", name,
+                           dropped, n, tokens, ", ..." if dropped > len(bad) else "")
+            columns = tuple(column[finite] for column in columns)
+            self.nonfinite_rows += dropped
+        self.bytes_written += write_shard(self.output_dir, self.manifest, *columns, stream_state, dropped)
+        logger.debug("wrote %s: %d tokens", name, n - dropped)
         if self._crash_after and len(self.manifest["shards"]) >= self._crash_after:
             os.kill(os.getpid(), signal.SIGKILL)
 

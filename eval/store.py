@@ -6,7 +6,7 @@ collector wrote them: the kept rows of each window in order, windows in order, a
 a batch end, so a window never spans two shards. Rows are addressed by a global row id over the
 chosen shards.
 
-Reading: the manifest is validated by the trainer's reader (`saetron.sae.data.read_manifest`: format,
+Reading: the manifest is validated by the store module (`saetron.collect.store.read_manifest`: format,
 version, no shard = an error); tensors are read a slice at a time through safetensors' lazy
 `get_slice`, so memory is one chunk, whatever the store's size.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from saetron.sae.data import read_manifest
+from saetron.collect.store import read_manifest
 
 TENSORS = ("activations", "token_ids", "positions")
 
@@ -42,6 +42,9 @@ class EvalStore:
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         shards = self.manifest["shards"]
+        if not shards:
+            raise ValueError(f"{self.data_dir / 'manifest.json'} lists no shards: the collection wrote "
+                             "nothing yet; let it write its first shard")
         if not 0 <= first_shard < len(shards):
             raise ValueError(f"--first_shard {first_shard}: the store {str(self.data_dir)!r} has "
                              f"{len(shards)} shards; pick 0..{len(shards) - 1}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import typing
 import warnings
 from dataclasses import dataclass
 
@@ -51,9 +53,45 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world_size, device)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
+def shutdown_distributed(env: DistEnv, completed: bool) -> None:
+    """Leave the process group, in order.
+
+    `completed`: every rank reached the end of the run. Then a barrier first, so no rank tears its
+    group down while a peer is still inside a collective (rank 0 writes the SAE after the last
+    all-reduce while the others are already done), then the group is destroyed. After an error on
+    this rank a peer may wait in a collective that never completes: no barrier, and a multi-rank group
+    is left to the process exit (destroying an NCCL group there can block); a one-rank group (a run
+    inside another Python process, as the tests do) is destroyed so that a next run can make its own.
+
+    gloo's worker threads outlive this call: its `shutdown()` is a no-op and torch's DTensor caches
+    keep the FSDP mesh, hence the group, alive. See `exit_process` for why the CLI then ends the
+    process without interpreter finalization.
+    """
+    if not dist.is_initialized():
+        return
+    if completed and env.world_size > 1:
+        dist.barrier()
+    if completed or env.world_size == 1:
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> typing.NoReturn:
+    """End the process with `code` after flushing stdout, stderr and the log handlers, skipping the
+    interpreter's finalization.
+
+    Why: a gloo worker thread drops its reference to a finished collective (and to the tensors it
+    reduced) only after the caller has been woken up. When the caller has already dropped its Python
+    handle of such a tensor, that last C++ reference must take the GIL to free the Python object; if
+    the main thread has reached interpreter finalization by then, CPython ends the worker thread with
+    pthread_exit, whose forced unwind through a noexcept destructor is `std::terminate` ("terminate
+    called without an active exception", SIGABRT, rc -6 under torchrun). A rank that exits right after
+    its last all-reduce (every rank but 0, which still writes the SAE) hit this ~1 run in 10 on a busy
+    CPU. Everything the run writes is closed before this call, so finalization has nothing left to do.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def shard_model(model: nn.Module, env: DistEnv, compute_dtype: torch.dtype) -> nn.Module:

@@ -48,6 +48,7 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors creates files 0600; the JSON beside it is 0644 (umask 022)
     os.replace(tmp, path)
 
 
@@ -144,8 +145,14 @@ def saelens_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_saelens(sae: SparseAutoencoder, folder: str | Path, model_name: str, hook_name: str) -> Path:
-    """Write SAELens' format into folder: cfg.json + sae_weights.safetensors. Returns the folder."""
+def export_saelens(sae: SparseAutoencoder, folder: str | Path, model_name: str, hook_name: str, *,
+                   context_size: int | None = None, dataset_path: str | None = None,
+                   prepend_bos: bool | None = None) -> Path:
+    """Write SAELens' format into folder: cfg.json + sae_weights.safetensors. Returns the folder.
+
+    context_size, dataset_path, prepend_bos: how the training activations were made (the trainer passes
+    the store manifest's context_size and dataset, and prepend_bos=True: every window starts with BOS);
+    written into cfg.json's metadata when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = sae.cfg
@@ -166,6 +173,8 @@ def export_saelens(sae: SparseAutoencoder, folder: str | Path, model_name: str, 
             "exported_by": "saetron",
         },
     }
+    collected = {"context_size": context_size, "dataset_path": dataset_path, "prepend_bos": prepend_bos}
+    saelens_cfg["metadata"].update({k: v for k, v in collected.items() if v is not None})
     saelens_cfg.update(sae.architecture.saelens_config())
     _save_tensors(saelens_state(sae), folder / SAELENS_WEIGHTS_FILE, {"format": "pt"})
     _atomic_write_json(folder / SAELENS_CONFIG_FILE, saelens_cfg)

@@ -110,12 +110,29 @@ def format_line(m: dict) -> str:
 
 
 class MetricsFile:
-    """metrics.jsonl on rank 0: one JSON object per log step (appended across a resume)."""
+    """metrics.jsonl on rank 0: one JSON object per log step, in step order.
 
-    def __init__(self, path: Path, fresh: bool) -> None:
+    `resume_step` None starts the file afresh. A resumed run passes its checkpoint's step: the records
+    up to it are kept and the later ones dropped (the run logs those steps again), as is a last line
+    cut short by a kill, so no step appears twice and every line parses.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
-        if fresh:
-            path.write_text("")
+        kept = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # cut short: nothing after it was written
+                    break
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int) \
+                        or record["step"] > resume_step:
+                    break
+                kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
     def write(self, m: dict) -> None:
         with open(self.path, "a") as f:

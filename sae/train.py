@@ -6,10 +6,13 @@
         --d_sae 1024 --activation topk --k 16 --batch_size 512 --max_steps 20    # tiny, one CPU process
 
 One process and N ranks run the same code: a one-rank process group is made when torchrun did not
-start us. Each step: forward, loss (with the L1 warm-up), backward, decoder-gradient projection,
-global gradient clipping, a NaN/Inf check (before the optimizer touches the weights), Adam, decoder
-renormalization. Outputs in --output_dir: metrics.jsonl, checkpoints/, train_config.json,
-sae.safetensors + sae_config.json, saelens/ (cfg.json, sae_weights.safetensors, sparsity.safetensors).
+start us. Before the group exists, the flags, the store's manifest and every shard are checked (and
+a --resume of a run that is already finished and exported stops there: nothing to do). Each step:
+the row filters (filter_rows), forward, loss (with the L1 warm-up), backward, decoder-gradient
+projection, global gradient clipping, a NaN/Inf check (before the optimizer touches the weights),
+Adam, decoder renormalization. Outputs in --output_dir: metrics.jsonl, checkpoints/,
+train_config.json, sae.safetensors + sae_config.json, saelens/ (cfg.json, sae_weights.safetensors,
+sparsity.safetensors). Exit status: 0, 2 for an error you can fix (one line on stderr), 1 for a bug.
 """
 
 from __future__ import annotations
@@ -18,23 +21,30 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from saetron.collect.cli import exit_status, format_seconds
+from saetron.collect.lock import active_writer
+
 from .checkpoint import complete_checkpoints, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import SAEConfig
 from .data import ActivationStore, BatchLoader, ShuffleOrder, check_batch_size, stats_batches
-from .distributed import DistEnv, init_distributed, shard_model, shutdown_distributed
+from .distributed import DistEnv, exit_process, init_distributed, shard_model, shutdown_distributed
+from .io import export_saelens
 from .metrics import Metrics, MetricsFile, format_line
 from .model import SparseAutoencoder
 from .optim import SAEAdam
@@ -42,6 +52,7 @@ from .train_config import TrainConfig, field_docs
 
 logger = logging.getLogger(__name__)
 
+PROG = "saetron-train"
 # Settings a resumed run must share with its checkpoint (the others only change logging or the end).
 RESUME_KEYS = ("d_sae", "l1_coeff", "lr", "batch_size", "normalize_activations", "apply_b_dec_to_input",
                "activation", "k", "seed", "d_model", "lr_warmup_steps", "l1_warmup_steps", "lr_decay",
@@ -88,10 +99,41 @@ def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
     return loss, reconstructed, features, loss_dict
 
 
-def train(cfg: TrainConfig, env: DistEnv) -> dict:
-    """Run the whole training described by cfg on this rank; returns the last metrics (rank 0's view)."""
+def filter_rows(x: torch.Tensor, cfg: TrainConfig, where: Callable[[np.ndarray], str]) -> torch.Tensor:
+    """The row filters: every batch passes here before it is used, and only here are rows dropped.
+
+    x [b, d_in] -> x [b', d_in]. A row holding a NaN or Inf is dropped under --skip_nonfinite (a warning
+    counts and names them) and stops the run otherwise. `where(i)` names rows i [k] of x, as
+    `shard_00003.safetensors row 17, ... (step 12)`.
+    """
+    if bool(torch.isfinite(x.sum())):  # one reduction: any NaN/Inf makes the sum non-finite
+        return x
+    finite = torch.isfinite(x).all(dim=1)  # [b]
+    if bool(finite.all()):  # the sum of finite rows overflowed
+        return x
+    bad = (~finite).nonzero().squeeze(1).cpu().numpy()  # [k]
+    if not cfg.skip_nonfinite:
+        raise ValueError(f"{where(bad)}: {len(bad)} of {len(x)} rows hold a NaN or Inf activation; pass "
+                         "--skip_nonfinite to drop such rows, or collect the store again")
+    if len(bad) == len(x):
+        raise ValueError(f"{where(bad)}: every row of this rank's batch holds a NaN or Inf activation; the "
+                         "store is damaged there: collect it again")
+    logger.warning("dropped %d of %d rows holding a NaN or Inf (--skip_nonfinite): %s", len(bad), len(x),
+                   where(bad))
+    return x[finite]
+
+
+def describe_rows(store: ActivationStore, rows: np.ndarray, when: str) -> str:
+    """`shard_00001.safetensors row 17, ... and 4 more (step 12)` for global row ids [k] (up to 3 named)."""
+    named = ", ".join(f"{shard.path.name} row {row}" for shard, row in map(store.locate, rows[:3].tolist()))
+    return f"{named}{f' and {len(rows) - 3} more' if len(rows) > 3 else ''} ({when})"
+
+
+def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) -> dict:
+    """Run the whole training described by cfg on this rank; returns the last metrics (rank 0's view).
+    `store`: cfg's store already opened (main does, before the process group exists)."""
     out_dir = prepare_output_dir(Path(cfg.output_dir), env)
-    store = ActivationStore(cfg.data_dir, cfg.num_shards, cfg.target_layer, cfg.d_model)
+    store = open_store(cfg) if store is None else store
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if env.device.type == "cuda" else torch.float32)
     cfg = replace(cfg, target_layer=store.manifest["target_layer"], d_model=store.d_model,
@@ -115,7 +157,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     torch.manual_seed(cfg.seed)  # the same initialization on every rank, before sharding
     model = SparseAutoencoder.from_config(sae_cfg, backend=cfg.backend)
     if sae_cfg.normalize_activations == "expected_average_only_in" and ckpt is None:
-        model.estimate_activation_mean(stats_batches(store, order, cfg.stats_tokens))
+        when = "the activation-mean pass before step 0"
+        batches = stats_batches(store, order, cfg.stats_tokens)
+        model.estimate_activation_mean(filter_rows(x, cfg, lambda i, r=rows: describe_rows(store, r[i], when))
+                                       for rows, x in batches)
     shard_model(model.to(env.device), env, compute_dtype)
     optimizer = SAEAdam(model, lr=cfg.lr)
     metrics = Metrics(cfg.d_sae, store.d_model, cfg.batch_size, cfg.dead_window,
@@ -124,7 +169,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     start_step = 0
     if ckpt is not None:
         start_step = resume(ckpt, cfg, store, model, optimizer, metrics, total_steps)
-    metrics_file = MetricsFile(out_dir / "metrics.jsonl", fresh=ckpt is None) if env.is_main else None
+    metrics_file = MetricsFile(out_dir / "metrics.jsonl", start_step if ckpt else None) \
+        if env.is_main else None
     run = start_wandb(cfg) if cfg.wandb and env.is_main else None
 
     loader = BatchLoader(store, order, cfg.batch_size, env.rank, env.world_size, start_step, total_steps,
@@ -132,8 +178,10 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
     last, t0 = {}, time.perf_counter()
+    started = t0
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
         for step, x in enumerate(loader, start=start_step):
+            x = filter_rows(x, cfg, lambda i, s=step: describe_rows(store, loader.rows(s)[i], f"step {s}"))
             lr = lr_at(cfg, step, total_steps)
             loss, reconstructed, features, loss_dict = train_step(model, optimizer, x, cfg, step, lr)
             metrics.update(step, loss, loss_dict, x, reconstructed, features)
@@ -143,7 +191,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                 last = metrics.compute(done, lr, time.perf_counter() - t0)
                 if env.is_main:
                     metrics_file.write(last)
-                    logger.info(format_line(last))
+                    eta = (time.perf_counter() - started) / (done - start_step) * (total_steps - done)
+                    logger.info("%s | %3.0f%% | eta %s", format_line(last), 100 * done / total_steps,
+                                format_seconds(eta))
                     if run is not None:
                         run.log(last, step=done)
                 t0 = time.perf_counter()
@@ -202,10 +252,13 @@ def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, 
     sae.load_state_dict(full)
     sae.save(out_dir)
     m = store.manifest
-    hook_name = f"blocks.{m['target_layer']}.hook_{m.get('hook_point', 'resid_post')}"  # TransformerLens name
-    saelens_dir = sae.export_saelens(out_dir / "saelens", model_name=m.get("model", "unknown"),
-                                     hook_name=hook_name)
-    save_file({"sparsity": log_density}, Path(saelens_dir) / "sparsity.safetensors")
+    hook_name = f"blocks.{m['target_layer']}.hook_{m['hook_point']}"  # TransformerLens' name
+    # Every context window of the store starts with BOS: SAELens' prepend_bos.
+    saelens_dir = export_saelens(sae, out_dir / "saelens", model_name=m["model"], hook_name=hook_name,
+                                 context_size=m["context_size"], dataset_path=m["dataset"], prepend_bos=True)
+    sparsity = Path(saelens_dir) / "sparsity.safetensors"
+    save_file({"sparsity": log_density}, sparsity)
+    sparsity.chmod(0o644)  # safetensors creates files 0600
 
 
 def prepare_output_dir(path: Path, env: DistEnv) -> Path:
@@ -230,8 +283,8 @@ def start_wandb(cfg: TrainConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The command line -> TrainConfig: one flag per field, its docstring as help."""
-    parser = argparse.ArgumentParser(prog="saetron-train", description=__doc__.split("\n")[0])
+    """The command line -> TrainConfig: one flag per field, its docstring and default as help."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     docs, hints = field_docs(), typing.get_type_hints(TrainConfig)
     defaults = TrainConfig.__dataclass_fields__
     for name, hint in hints.items():
@@ -239,7 +292,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             if isinstance(hint, types.UnionType) else hint
         default = defaults[name].default
         required = default is defaults[name].default_factory  # both MISSING: no default
-        kw = {"help": docs.get(name, ""), "required": required}
+        kw = {"help": docs.get(name, "").replace("%", "%%") + (" (required)" if required else
+                                                                " (default: %(default)s)"),
+              "required": required}
         if not required:
             kw["default"] = default
         if kind is bool:
@@ -262,15 +317,84 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
-    env = init_distributed()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING, format="%(message)s")
+def open_store(cfg: TrainConfig) -> ActivationStore:
+    """cfg's store, after checking its manifest, each chosen shard against it, and the flags it must match."""
+    store = ActivationStore(cfg.data_dir, cfg.num_shards,
+                            expect={"target_layer": cfg.target_layer, "d_model": cfg.d_model})
+    writer = active_writer(cfg.data_dir)
+    if writer is not None:
+        logger.warning("a collector is still writing %s (%s): training reads the %d shards it holds now",
+                       cfg.data_dir, writer, len(store.shards))
+    return store
+
+
+def finished_run(cfg: TrainConfig, store: ActivationStore, world_size: int) -> dict | None:
+    """The last metrics of the run in cfg.output_dir when it already is this run, finished: same
+    settings and data, its newest checkpoint at this run's last step, the SAE exported after it. Then a
+    --resume has nothing to do (None otherwise). Reads a few small files; loads nothing."""
+    out = Path(cfg.output_dir)
     try:
-        return train(cfg, env)
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    batches = check_batch_size(store.total_tokens, cfg.batch_size, world_size)
+    total_steps = min(cfg.epochs * batches, cfg.max_steps or math.inf)
+    mine = {**cfg.to_dict(), "target_layer": store.manifest["target_layer"], "d_model": store.d_model}
+    keys = (*RESUME_KEYS, "data_dir", "num_shards", "target_layer")
+    checkpoints = complete_checkpoints(out / "checkpoints")
+    if cfg.resume != "latest" or any(saved.get(k) != mine[k] for k in keys) or not checkpoints \
+            or checkpoints[-1].name != f"step_{total_steps:08d}":
+        return None
+    exported = [out / "sae.safetensors", out / "sae_config.json", out / "saelens" / "cfg.json",
+                out / "saelens" / "sae_weights.safetensors", out / "saelens" / "sparsity.safetensors"]
+    after = (checkpoints[-1] / ".metadata").stat().st_mtime
+    if not all(p.is_file() and p.stat().st_mtime >= after for p in exported):
+        return None
+    try:
+        record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return record if isinstance(record, dict) and record.get("step") == total_steps else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse argv, check the store, train, leave the process group in order; returns the last metrics
+    (rank 0's view). Errors propagate; `cli` turns them into an exit status.
+
+    Everything that can be checked alone (flags, the store and each of its shards, the batch against the
+    number of ranks) is checked before the process group exists: an error then stops every rank the same
+    way, with no rank left waiting for a peer."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    cfg = parse_args(argv)
+    store = open_store(cfg)
+    check_batch_size(store.total_tokens, cfg.batch_size, world_size)
+    last = finished_run(cfg, store, world_size)
+    if last is not None:
+        logger.info("%s holds this run, finished at step %d and exported: nothing to do", cfg.output_dir,
+                    last["step"])
+        return last
+    env = init_distributed()
+    completed = False
+    try:
+        last = train(cfg, env, store)
+        completed = True
+        return last
     finally:
-        shutdown_distributed()
+        shutdown_distributed(env, completed)
+
+
+def cli() -> None:
+    """The console entry point (`saetron-train`, `python -m saetron.sae.train`): main(), then exit 0,
+    2 (an error you can fix: one line on stderr) or 1 (a bug: its traceback)."""
+    code = 0
+    try:
+        main()
+    except BaseException as error:  # noqa: B036 - every way out gets its exit status
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        code = exit_status(error, PROG, int(os.environ.get("RANK", 0)) if world_size > 1 else None)
+    exit_process(code)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

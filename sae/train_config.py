@@ -90,6 +90,9 @@ class TrainConfig:
     """Complete checkpoints kept; older ones are removed only after a newer one is complete."""
     prefetch: int = 4
     """Batches read ahead by the loader thread."""
+    skip_nonfinite: bool = False
+    """Drop rows holding a NaN or Inf from each batch (a warning counts them and names their shard and
+    row). Off: such a row stops the run with an error naming its shard, row and step."""
 
     def __post_init__(self) -> None:
         for name in ("d_sae", "batch_size", "epochs", "log_every", "shuffle_buffer", "stats_tokens",

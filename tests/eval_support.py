@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from saetron.collect.store import new_manifest, row_norms, write_manifest, write_shard
 from saetron.sae import SparseAutoencoder
 
 
@@ -54,27 +54,23 @@ def random_sae(d_in: int, d_sae: int, k: int | None, normalize: str = "layer_nor
 def write_rows_store(folder: Path, shards: list[torch.Tensor], context: int = 16, model: str = "test/tiny",
                      target_layer: int = 3, hook_point: str = "resid_post", dataset: str = "synthetic",
                      d_model: int | None = None) -> Path:
-    """A store whose shards hold the given activations [n, d]; windows of `context - 1` rows at
-    positions 1..context-1 (as the collector keeps them), token id = row id % 1000."""
+    """A store whose shards hold the given activations [n, d], written by the collector's writer; windows
+    of `context - 1` rows at positions 1..context-1 (as the collector keeps them), token id = row id % 1000.
+    `d_model`: the width of a store with no shard."""
     folder.mkdir(parents=True, exist_ok=True)
-    entries, row = [], 0
+    manifest = new_manifest(model=model, revision="local", target_layer=target_layer, hook_point=hook_point,
+                            d_model=d_model if d_model is not None else int(shards[0].shape[1]),
+                            dtype=shards[0].dtype if shards else torch.float32, context_size=context,
+                            keep_special_tokens=False, dataset=dataset, split="train", text_field="text",
+                            tokenizer=model)
+    row = 0
     for i, x in enumerate(shards):
-        n = x.shape[0]
-        ids = torch.arange(row, row + n)
-        name = f"shard_{i:05d}.safetensors"
-        save_file({"activations": x.contiguous(), "token_ids": (ids % 1000).to(torch.int32),
-                   "positions": (ids % (context - 1) + 1).to(torch.int32)}, str(folder / name))
-        entries.append({"file": name, "tokens": n})
-        row += n
-    manifest = {
-        "format": "saetron-activations", "format_version": 1, "model": model, "revision": "local",
-        "target_layer": target_layer, "hook_point": hook_point,
-        "d_model": d_model if d_model is not None else int(shards[0].shape[1]), "dtype": "float32",
-        "context_size": context, "special_token_policy": {"keep_special_tokens": False, "excluded": "bos"},
-        "dataset": dataset, "split": "train", "text_field": "text", "stream_state": None, "tokenizer": model,
-        "shards": entries, "total_tokens": row,
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+        ids = torch.arange(row, row + x.shape[0])
+        write_shard(folder, manifest, x, ids % 1000, ids % (context - 1) + 1, row_norms(x),
+                    stream_state={"shard": i})
+        row += x.shape[0]
+    if not shards:
+        write_manifest(folder, manifest)
     return folder
 
 

@@ -12,6 +12,7 @@ import torch
 from collect_fixtures import _seed_and_offline, docs_jsonl, tiny_llama  # noqa: F401
 from safetensors.torch import load_file
 
+from saetron.collect import collector
 from saetron.collect.collector import collect
 from saetron.collect.config import CollectConfig
 from saetron.collect.writer import CRASH_ENV
@@ -52,14 +53,22 @@ def test_killed_then_resumed_equals_uninterrupted(tiny_llama, docs_jsonl, tmp_pa
         for key in ("token_ids", "positions", "activations"):
             assert torch.equal(mine[key], theirs[key]), (shard["file"], key)
     assert "resuming" in resumed.stderr and "activation store:" in resumed.stdout
+    assert "taking over the lock of pid" in resumed.stderr  # the killed run's lock did not block
 
 
-def test_resume_of_a_complete_store_does_nothing(tiny_llama, docs_jsonl, tmp_path):  # noqa: F811
+def test_resume_of_a_complete_store_does_nothing(tiny_llama, docs_jsonl, tmp_path, monkeypatch):  # noqa: F811
     config = CollectConfig(**settings(tiny_llama, docs_jsonl, str(tmp_path / "s")))
     collect(config)
     before = snapshot(config.output_dir)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a complete store must not load the model")
+
+    monkeypatch.setattr(collector, "load_model", no_load)
     collect(config)
     assert snapshot(config.output_dir) == before
+    with pytest.raises(ValueError, match="holds target_layer=2 but this run has target_layer=1"):
+        collect(CollectConfig(**{**settings(tiny_llama, docs_jsonl, config.output_dir), "target_layer": 1}))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -88,7 +97,8 @@ def test_truncated_shard_is_an_error(tiny_llama, docs_jsonl, tmp_path):  # noqa:
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) - 100)
     before = snapshot(config.output_dir)
-    with pytest.raises(ValueError, match=r"shard_00000.safetensors is missing or corrupt.*Nothing was"):
+    with pytest.raises(ValueError, match=r"shard_00000.safetensors is truncated: \d+ bytes on disk.*Nothing "
+                       r"was deleted: `python -m saetron.collect --repair .*` drops it"):
         collect(config)
     assert snapshot(config.output_dir) == before
 
@@ -107,5 +117,5 @@ def test_leftover_temporaries_are_removed(tiny_llama, docs_jsonl, tmp_path):  # 
     os.makedirs(config.output_dir)
     (tmp_path / "s" / "shard_00000.safetensors.tmp").write_bytes(b"half a shard")
     manifest = collect(config)
-    assert sorted(os.listdir(config.output_dir)) == ["manifest.json", "shard_00000.safetensors"]
+    assert sorted(os.listdir(config.output_dir)) == [".lock", "manifest.json", "shard_00000.safetensors"]
     assert manifest["total_tokens"] >= 50

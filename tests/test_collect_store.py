@@ -14,11 +14,13 @@ from transformers import AutoTokenizer
 
 from saetron.collect.collector import collect
 from saetron.collect.config import CollectConfig
+from saetron.collect.store import norm_stats, row_norms
 
 CONTEXT = 32
 MANIFEST_KEYS = ["format", "format_version", "model", "revision", "target_layer", "hook_point",
                  "hook_convention", "d_model", "dtype", "context_size", "special_token_policy", "dataset",
-                 "split", "text_field", "stream_state", "tokenizer", "shards", "total_tokens"]
+                 "split", "text_field", "stream_state", "stream_ended", "tokenizer", "shards", "total_tokens"]
+SHARD_KEYS = ["file", "tokens", "stream_state", "nonfinite_rows", "norms"]
 
 
 def run(model: str, dataset: str, out: str, **overrides) -> dict:
@@ -61,16 +63,28 @@ def test_manifest_and_shards(tiny_llama, docs_jsonl, tmp_path):  # noqa: F811
     with open(os.path.join(out, "manifest.json")) as f:
         on_disk = json.load(f)
     assert on_disk == manifest and list(on_disk) == MANIFEST_KEYS
-    assert on_disk["format"] == "saetron-activations" and on_disk["format_version"] == 1
+    assert on_disk["format"] == "saetron-activations" and on_disk["format_version"] == 2
     assert (on_disk["d_model"], on_disk["dtype"], on_disk["text_field"]) == (64, "float32", "text")
     assert on_disk["special_token_policy"]["keep_special_tokens"] is False
     assert len(on_disk["shards"]) > 1
     assert sum(s["tokens"] for s in on_disk["shards"]) == on_disk["total_tokens"]
     # A shard closes at the first batch end with >= shard_tokens (100) rows; batches hold <= 3 * 31.
     assert all(100 <= s["tokens"] < 100 + 3 * CONTEXT for s in on_disk["shards"][:-1])
-    assert sorted(os.listdir(out)) == ["manifest.json"] + [s["file"] for s in on_disk["shards"]]
+    assert sorted(os.listdir(out)) == [".lock", "manifest.json"] + [s["file"] for s in on_disk["shards"]]
     with safe_open(os.path.join(out, on_disk["shards"][0]["file"]), framework="pt") as f:
         assert f.metadata()["format"] == "saetron-activations" and f.metadata()["hook_point"] == "resid_post"
+        assert f.metadata()["target_layer"] == "1"
+    # Each entry: its stream state (the last one's is the manifest's), no dropped row, the statistics
+    # of its rows' L2 norms, recomputed here from the shard itself.
+    assert all(list(s) == SHARD_KEYS and s["nonfinite_rows"] == 0 for s in on_disk["shards"])
+    assert on_disk["shards"][-1]["stream_state"] == on_disk["stream_state"]
+    assert on_disk["stream_ended"] is True  # 10,000 tokens asked, the corpus has fewer
+    for entry in on_disk["shards"]:
+        norms = row_norms(load_file(os.path.join(out, entry["file"]))["activations"])
+        assert entry["norms"] == norm_stats(norms)
+        stats = entry["norms"]
+        assert stats["min"] <= stats["median"] <= stats["q90"] <= stats["q99"] <= stats["max"]
+        assert entry["norms"]["median"] == float(norms.double().median())  # lower median, as torch's
 
 
 def test_keep_special_tokens(tiny_llama, docs_jsonl, tmp_path):  # noqa: F811
@@ -125,6 +139,6 @@ def test_dataset_without_text_field(tiny_llama, tmp_path):  # noqa: F811
         run(tiny_llama, path, str(tmp_path / "store"))
     with pytest.raises(ValueError, match=r"no text field 'title'.*--text_field"):
         run(tiny_llama, path, str(tmp_path / "store"), text_field="title")
-    assert os.listdir(tmp_path / "store") == []  # no shard, no manifest
+    assert os.listdir(tmp_path / "store") == [".lock"]  # no shard, no manifest
     manifest = run(tiny_llama, path, str(tmp_path / "store"), text_field="body", max_tokens=50)
     assert manifest["text_field"] == "body"

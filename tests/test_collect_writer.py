@@ -66,7 +66,7 @@ def test_writer_error_reaches_the_caller(tmp_path):
     shutil.rmtree(out)  # the disk "fails" under the writer thread
     ids = torch.zeros(4, dtype=torch.int32)
     writer.append(torch.randn(4, D_MODEL), ids, ids + 1)
-    with pytest.raises(RuntimeError, match="the shard writer failed"):
+    with pytest.raises(OSError, match=r"cannot write shard .*gone/shard_00000.safetensors: .*I/O error"):
         writer.finish({})
 
 
@@ -85,3 +85,27 @@ def test_cuda_collection_matches_cpu(tiny_llama, docs_jsonl, tmp_path):  # noqa:
         assert torch.equal(cpu["token_ids"], cuda["token_ids"])
         # fp32 on both, different kernels (cuBLAS vs CPU BLAS): 1e-4 on unit-scale activations.
         torch.testing.assert_close(cuda["activations"], cpu["activations"], rtol=1e-4, atol=1e-4)
+
+
+def test_nonfinite_rows_are_left_out_and_counted(tmp_path, caplog):
+    writer = ShardWriter(str(tmp_path), manifest(torch.float32), capacity=16, d_model=D_MODEL,
+                         dtype=torch.float32, device=torch.device("cpu"), describe_token=lambda t: f"tok{t}")
+    rows = torch.randn(10, D_MODEL)
+    rows[3, 5], rows[7, 0] = float("nan"), float("inf")
+    ids, positions = torch.arange(100, 110, dtype=torch.int32), torch.arange(1, 11, dtype=torch.int32)
+    writer.append(rows, ids, positions)
+    writer.finish({"end": True})
+    keep = torch.tensor([i not in (3, 7) for i in range(10)])
+    shard = load_file(os.path.join(tmp_path, "shard_00000.safetensors"))
+    assert torch.equal(shard["activations"], rows[keep]) and torch.equal(shard["token_ids"], ids[keep])
+    entry = writer.manifest["shards"][0]
+    assert (entry["tokens"], entry["nonfinite_rows"], writer.nonfinite_rows) == (8, 2, 2)
+    assert "left out 2 row(s) of 10 whose activations hold a NaN or Inf: 'tok103' at position 4, 'tok107' " \
+           "at position 8" in caplog.text
+
+    writer = ShardWriter(str(tmp_path / "all"), manifest(torch.float32), capacity=16, d_model=D_MODEL,
+                         dtype=torch.float32, device=torch.device("cpu"))
+    (tmp_path / "all").mkdir()
+    writer.append(torch.full((4, D_MODEL), float("nan")), ids[:4], positions[:4])
+    with pytest.raises(RuntimeError, match=r"every one of the 4 rows of shard_00000.safetensors has a NaN"):
+        writer.finish({})

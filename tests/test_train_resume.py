@@ -1,5 +1,7 @@
 """Checkpoint and resume in one process: a run stopped after a checkpoint and resumed is the same run."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -32,3 +34,16 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
         ours, theirs = load_file(full / name), load_file(part / name)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert (part / "checkpoints" / "step_00000016" / ".metadata").is_file()
+
+
+def test_metrics_after_a_kill_and_resume_have_each_step_once(tmp_path):
+    store = write_store(tmp_path / "store", [2100, 1996], d_model=24)
+    out = tmp_path / "out"
+    train_in_process(store, out, *FLAGS, "--max_steps", "10", "--checkpoint_every", "6")
+    # What a kill -9 at step 10 leaves: metrics logged up to step 10 (the last one cut mid-line), the
+    # checkpoint of step 10 never completed; the newest complete one is step 6.
+    shutil.rmtree(out / "checkpoints" / "step_00000010")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 12, "loss": 0.')
+    train_in_process(store, out, *FLAGS, "--max_steps", "12", "--resume")
+    assert [m["step"] for m in read_metrics(out)] == [2, 4, 6, 8, 10, 12]

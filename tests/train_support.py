@@ -1,7 +1,8 @@
 """Test support for the trainer: tiny activation stores in the collector's exact format, and runners.
 
-`write_store` writes what saetron-collect writes (DESIGN.md, "The activation store"): manifest.json
-and shard_XXXXX.safetensors with activations [N, d_model], token_ids [N] int32, positions [N] int32.
+`write_store` writes what saetron-collect writes, through the same writer (saetron.collect.store):
+manifest.json and shard_XXXXX.safetensors with activations [N, d_model], token_ids [N] int32,
+positions [N] int32.
 The activations follow a sparse generative model an SAE can learn: each token is an offset plus a few
 of `n_features` random unit directions with exponential magnitudes, plus small noise.
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+
+from saetron.collect.store import new_manifest, read_shard_header, row_norms, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,27 +37,29 @@ def synthetic_activations(n: int, d_model: int, n_features: int, active: float, 
 
 def write_store(folder: Path, shard_tokens: list[int], d_model: int = 32, dtype: torch.dtype = torch.float32,
                 target_layer: int = 3, n_features: int = 96, active: float = 4.0, seed: int = 0) -> Path:
-    """Write a store of len(shard_tokens) shards into folder; returns folder."""
+    """Write a store of len(shard_tokens) shards into folder with the collector's writer; returns folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    shards = []
+    manifest = new_manifest(model="test/tiny", revision="main", target_layer=target_layer,
+                            hook_point="resid_post", d_model=d_model, dtype=dtype, context_size=64,
+                            keep_special_tokens=False, dataset="synthetic", split="train", text_field="text",
+                            tokenizer="test/tiny")
     for i, n in enumerate(shard_tokens):
-        x = synthetic_activations(n, d_model, n_features, active, seed=seed * 1000 + i)
-        name = f"shard_{i:05d}.safetensors"
-        save_file({"activations": x.to(dtype).contiguous(),
-                   "token_ids": torch.randint(0, 1000, (n,), dtype=torch.int32),
-                   "positions": (torch.arange(n, dtype=torch.int32) % 64)}, folder / name,
-                  metadata={"model": "test/tiny", "target_layer": str(target_layer)})
-        shards.append({"file": name, "tokens": n})
-    manifest = {
-        "format": "saetron-activations", "format_version": 1, "model": "test/tiny", "revision": "main",
-        "target_layer": target_layer, "hook_point": "resid_post",
-        "hook_convention": "output of model.layers[L]", "d_model": d_model,
-        "dtype": str(dtype).removeprefix("torch."), "context_size": 64, "special_token_policy": "drop_bos",
-        "dataset": "synthetic", "split": "train", "text_field": "text", "stream_state": {},
-        "tokenizer": "test/tiny", "shards": shards, "total_tokens": sum(shard_tokens),
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        x = synthetic_activations(n, d_model, n_features, active, seed=seed * 1000 + i).to(dtype)
+        token_ids = torch.randint(0, 1000, (n,), dtype=torch.int32)
+        positions = torch.arange(n, dtype=torch.int32) % 63 + 1
+        write_shard(folder, manifest, x, token_ids, positions, row_norms(x), stream_state={"shard": i})
     return folder
+
+
+def plant(shard: Path, row: int, column: int, value: float) -> None:
+    """Overwrite activations[row, column] of a written shard in place (a store damaged on disk)."""
+    offset, header = read_shard_header(shard)
+    info = header["activations"]
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info["dtype"]]
+    raw = torch.tensor([value], dtype=dtype).view(torch.uint8).numpy().tobytes()
+    with open(shard, "r+b") as f:
+        f.seek(offset + info["data_offsets"][0] + (row * info["shape"][1] + column) * len(raw))
+        f.write(raw)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

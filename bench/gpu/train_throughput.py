@@ -46,11 +46,8 @@ def write_store(folder: Path, d: int, shards: int, shard_tokens: int, device: to
         rows = (torch.randn(shard_tokens, d, device=device, generator=gen) + offset).to(torch.bfloat16).cpu()
         positions = torch.arange(shard_tokens, dtype=torch.int32) % 1024
         token_ids = torch.zeros(shard_tokens, dtype=torch.int32)
-        name = store.shard_name(i)
-        store.write_shard(str(folder / name), rows, token_ids, positions, manifest)
-        manifest["shards"].append({"file": name, "tokens": shard_tokens})
-        manifest["total_tokens"] += shard_tokens
-    store.write_manifest(str(folder), manifest)
+        store.write_shard(folder, manifest, rows, token_ids, positions, store.row_norms(rows),
+                          stream_state={"shard": i})
     return folder
 
 
