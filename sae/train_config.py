@@ -50,9 +50,10 @@ class TrainConfig:
     """Peak Adam learning rate. Not given: 2e-4 / sqrt(d_sae / 2^14) (3.77e-4 at d_sae 4608, 2e-4 at 16384),
     written resolved into train_config.json."""
     encoder_init: EncoderInit = "transpose"
-    """`transpose`: W_enc = s * W_dec^T, b_enc = 0, b_dec = the mean normalized input, with s fitted by
-    least squares on the first batch (saetron.sae.init; s is logged and written to train_config.json);
-    `kaiming`: the SparseAutoencoder constructor's Kaiming-uniform encoder, b_dec = 0."""
+    """`transpose`: b_dec = the mean normalized input, W_enc = s * W_dec^T, b_enc = -b_dec @ W_enc (centered
+    pre-activations), s fitted by least squares on the first batch (saetron.sae.init; logged and written
+    to train_config.json); `kaiming`: the SparseAutoencoder constructor's Kaiming-uniform encoder,
+    biases 0."""
     max_norm_ratio: float = 10.0
     """Skip rows whose norm exceeds this multiple of the median row norm of the statistics pass (attention
     sinks: norms 25-120x the median); counted as skipped_rows in the log. 0 = keep every row."""
