@@ -33,3 +33,27 @@ def firing_counts(features: Tensor | SparseCode, d_sae: int) -> Tensor:
 def fired_latents(features: Tensor | SparseCode, d_sae: int) -> Tensor:
     """Which latents fired in a batch: bool [d_sae], from dense features [B, d_sae] or a SparseCode."""
     return firing_counts(features, d_sae) > 0
+
+
+# Rows whose norm exceeds this multiple of the median row norm are outliers (on SmolLM2-135M the
+# attention sinks at position 1 have norms 25-120x the median and carry 67-77% of the variance): the
+# "normal-row" metrics leave them out so that a few rows cannot decide the figure.
+NORMAL_NORM_RATIO = 10.0
+
+
+def normal_rows(x: Tensor, median_norm: Tensor | float, ratio: float = NORMAL_NORM_RATIO) -> Tensor:
+    """bool [B]: rows of x [B, d] with ||x_b|| <= ratio * median_norm (a NaN/Inf row is not normal)."""
+    return x.float().norm(dim=-1) <= ratio * median_norm
+
+
+def per_token_fvu(x: Tensor, reconstructed: Tensor, mean: Tensor) -> Tensor:
+    """Fraction of variance unexplained per token, fp32 [B]: ||x_b - x_hat_b||^2 / ||x_b - mean||^2.
+
+    x, reconstructed [B, d]; `mean` [d] is the data's mean (the evaluated rows' mean, or the
+    trainer's activation-mean estimate). Its median over tokens (`median_fvu`) says how a typical
+    token is reconstructed, where the pooled explained variance is dominated by the largest rows.
+    A row equal to the mean (zero denominator) reads +inf unless reconstructed exactly (then NaN).
+    """
+    x32 = x.float()
+    residual = (x32 - reconstructed.float()).pow(2).sum(-1)  # [B]
+    return residual / (x32 - mean.float()).pow(2).sum(-1)

@@ -7,17 +7,20 @@
 
 One process and N ranks run the same code: a one-rank process group is made when torchrun did not
 start us. Before the group exists, the flags, the store's manifest and every shard are checked (and
-a --resume of a run that is already finished and exported stops there: nothing to do). Each step:
-the row filters (filter_rows), forward, loss (with the L1 warm-up), backward, decoder-gradient
-projection, global gradient clipping, a NaN/Inf check (before the optimizer touches the weights),
-Adam, decoder renormalization. Outputs in --output_dir: metrics.jsonl, checkpoints/,
-train_config.json, sae.safetensors + sae_config.json, saelens/ (cfg.json, sae_weights.safetensors,
-sparsity.safetensors). Exit status: 0, 2 for an error you can fix (one line on stderr), 1 for a bug.
+a --resume of a run that is already finished and exported stops there: nothing to do). Before step 0:
+the statistics pass (activation mean, median row norm: row_stats.py) and the encoder init (init.py).
+Each step: the row filters (filter_rows: NaN/Inf rows, --max_norm_ratio outliers), forward, loss (with
+the L1 warm-up), backward, then SAEAdam (sae/optim.py): decoder-gradient projection, global gradient
+clipping, a NaN/Inf check (before the optimizer touches the weights), Adam, decoder renormalization.
+Outputs in --output_dir: metrics.jsonl, checkpoints/, train_config.json, sae.safetensors +
+sae_config.json, saelens/ (cfg.json, sae_weights.safetensors, sparsity.safetensors). Exit status: 0,
+2 for an error you can fix (one line on stderr), 1 for a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -44,10 +47,12 @@ from .checkpoint import complete_checkpoints, find_checkpoint, load_checkpoint, 
 from .config import SAEConfig
 from .data import ActivationStore, BatchLoader, ShuffleOrder, check_batch_size, stats_batches
 from .distributed import DistEnv, exit_process, init_distributed, shard_model, shutdown_distributed
+from .init import init_transpose
 from .io import export_saelens
 from .metrics import Metrics, MetricsFile, format_line
 from .model import SparseAutoencoder
 from .optim import SAEAdam
+from .row_stats import RowStatistics, keep_rows, norm_limit
 from .train_config import TrainConfig, field_docs
 
 logger = logging.getLogger(__name__)
@@ -99,11 +104,22 @@ def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
     return loss, reconstructed, features, loss_dict
 
 
-def filter_rows(x: torch.Tensor, cfg: TrainConfig, where: Callable[[np.ndarray], str]) -> torch.Tensor:
-    """The row filters: every batch passes here before it is used, and only here are rows dropped.
+def filter_rows(x: torch.Tensor, cfg: TrainConfig, max_norm: float | None,
+                where: Callable[[np.ndarray], str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row filters: every training batch passes here before it is used, and only here are rows dropped.
 
-    x [b, d_in] -> x [b', d_in]. A row holding a NaN or Inf is dropped under --skip_nonfinite (a warning
-    counts and names them) and stops the run otherwise. `where(i)` names rows i [k] of x, as
+    x [b, d_in] -> (x [b', d_in], rows skipped: an int64 scalar on x's device). First the rows holding a
+    NaN or Inf (`drop_nonfinite`), then the rows whose norm passes --max_norm_ratio's limit `max_norm`
+    (`row_stats.keep_rows`; None: no limit). `where(i)` names rows i [k] of x.
+    """
+    finite = drop_nonfinite(x, cfg, where)
+    kept, outliers = keep_rows(finite, max_norm)
+    return kept, outliers + (len(x) - len(finite))
+
+
+def drop_nonfinite(x: torch.Tensor, cfg: TrainConfig, where: Callable[[np.ndarray], str]) -> torch.Tensor:
+    """x [b, d_in] without its rows holding a NaN or Inf: they are dropped under --skip_nonfinite (a warning
+    counts and names them) and stop the run otherwise. `where(i)` names rows i [k] of x, as
     `shard_00003.safetensors row 17, ... (step 12)`.
     """
     if bool(torch.isfinite(x.sum())):  # one reduction: any NaN/Inf makes the sum non-finite
@@ -149,22 +165,33 @@ def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) 
         raise ValueError(f"--output_dir {str(out_dir)!r} holds checkpoints of an earlier run (up to "
                          f"{earlier[-1].name}); pass --resume to continue it, or choose a new --output_dir")
     if env.is_main:
-        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         logger.info("store %s: %d tokens in %d shards, d_model %d | %d ranks, %d steps of %d tokens | %s",
                     cfg.data_dir, store.total_tokens, len(store.shards), store.d_model, env.world_size,
                     total_steps, cfg.batch_size, f"resuming from {ckpt}" if ckpt else "fresh start")
 
     torch.manual_seed(cfg.seed)  # the same initialization on every rank, before sharding
     model = SparseAutoencoder.from_config(sae_cfg, backend=cfg.backend)
+    stats = RowStatistics(store.d_model, keep_first=cfg.batch_size)  # the first rows: global batch 0
+    when = "the statistics pass before step 0"
+    batches = stats.observe(drop_nonfinite(x, cfg, lambda i, r=rows: describe_rows(store, r[i], when))
+                            for rows, x in stats_batches(store, order, cfg.stats_tokens))
     if sae_cfg.normalize_activations == "expected_average_only_in" and ckpt is None:
-        when = "the activation-mean pass before step 0"
-        batches = stats_batches(store, order, cfg.stats_tokens)
-        model.estimate_activation_mean(filter_rows(x, cfg, lambda i, r=rows: describe_rows(store, r[i], when))
-                                       for rows, x in batches)
-    shard_model(model.to(env.device), env, compute_dtype)
+        model.estimate_activation_mean(batches)
+    else:
+        collections.deque(batches, maxlen=0)  # the statistics alone
+    max_norm = norm_limit(cfg.max_norm_ratio, stats.median_norm)
+    scale = initialize(model.to(env.device), cfg, stats, max_norm, out_dir, fresh=ckpt is None)
+    if env.is_main:
+        logger.info("statistics pass: %d rows, median row norm %.4g; %s | encoder init %s%s", stats.rows,
+                    stats.median_norm, f"rows with norm > {max_norm:.4g} are skipped" if max_norm else
+                    "no row filter", cfg.encoder_init, f", s = {scale:.4g}" if scale is not None else "")
+        resolved = {**cfg.to_dict(), "median_norm": stats.median_norm, "encoder_scale": scale}
+        (out_dir / "train_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    shard_model(model, env, compute_dtype)
     optimizer = SAEAdam(model, lr=cfg.lr)
     metrics = Metrics(cfg.d_sae, store.d_model, cfg.batch_size, cfg.dead_window,
-                      max(0, total_steps - math.ceil(cfg.dead_window / cfg.batch_size)), env.device)
+                      max(0, total_steps - math.ceil(cfg.dead_window / cfg.batch_size)), env.device,
+                      mean=stats.mean, median_norm=stats.median_norm)
 
     start_step = 0
     if ckpt is not None:
@@ -181,10 +208,11 @@ def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) 
     started = t0
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
         for step, x in enumerate(loader, start=start_step):
-            x = filter_rows(x, cfg, lambda i, s=step: describe_rows(store, loader.rows(s)[i], f"step {s}"))
+            x, skipped = filter_rows(x, cfg, max_norm,
+                                     lambda i, s=step: describe_rows(store, loader.rows(s)[i], f"step {s}"))
             lr = lr_at(cfg, step, total_steps)
             loss, reconstructed, features, loss_dict = train_step(model, optimizer, x, cfg, step, lr)
-            metrics.update(step, loss, loss_dict, x, reconstructed, features)
+            metrics.update(step, loss, loss_dict, x, reconstructed, features, skipped)
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == total_steps:
@@ -207,11 +235,27 @@ def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) 
         last = metrics_file.last()
     export(model, sae_cfg, cfg, store, metrics, total_steps, out_dir, env)
     if env.is_main and last:
-        logger.info("final | explained variance %.4f | l0 %.1f | dead %.2f%% | outputs in %s",
-                    last["explained_variance"], last["l0"], 100 * last["dead_fraction"], out_dir)
+        logger.info("final | explained variance %.4f | normal rows %.4f | median fvu %.4f | l0 %.1f | "
+                    "dead %.2f%% | outputs in %s", last["explained_variance"],
+                    last.get("explained_variance_normal", math.nan), last.get("median_fvu", math.nan),
+                    last["l0"], 100 * last["dead_fraction"], out_dir)
     if run is not None:
         run.finish()
     return last
+
+
+def initialize(model: SparseAutoencoder, cfg: TrainConfig, stats: RowStatistics, max_norm: float | None,
+               out_dir: Path, fresh: bool) -> float | None:
+    """--encoder_init on a fresh run (the unsharded model, after the activation mean): `transpose` fits
+    s on the first batch's rows under the row filter (the same rows on every rank, so every rank gets
+    the same s); returns s, or on a resume the s train_config.json recorded (None for `kaiming`)."""
+    if not fresh:
+        earlier = out_dir / "train_config.json"
+        return json.loads(earlier.read_text()).get("encoder_scale") if earlier.is_file() else None
+    if cfg.encoder_init == "kaiming":
+        return None
+    rows, _ = keep_rows(stats.first_rows, max_norm)
+    return init_transpose(model, rows)
 
 
 def train_state(step: int, cfg: TrainConfig, store: ActivationStore, metrics: Metrics) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
@@ -15,6 +16,14 @@ Backend = Literal["auto", "triton", "torch", "reference"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 LR_DECAYS: tuple[str, ...] = get_args(LrDecay)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+EncoderInit = Literal["transpose", "kaiming"]
+ENCODER_INITS: tuple[str, ...] = get_args(EncoderInit)
+
+
+def default_lr(d_sae: int) -> float:
+    """The learning rate when --lr is not given: 2e-4 / sqrt(d_sae / 2^14), sparsify's rule for Adam
+    (3.77e-4 at d_sae 4608, 2e-4 at 16384, 1.07e-4 at 57344)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
 @dataclass
@@ -37,8 +46,17 @@ class TrainConfig:
     """Number of latents of the SAE."""
     l1_coeff: float = 5e-3
     """Weight of the L1 penalty sum_i f_i ||W_dec[i]|| (ReLU; TopK reports it only)."""
-    lr: float = 4e-4
-    """Peak Adam learning rate."""
+    lr: float | None = None
+    """Peak Adam learning rate. Not given: 2e-4 / sqrt(d_sae / 2^14) (3.77e-4 at d_sae 4608, 2e-4 at 16384),
+    written resolved into train_config.json."""
+    encoder_init: EncoderInit = "transpose"
+    """`transpose`: b_dec = the mean normalized input, W_enc = s * W_dec^T, b_enc = -b_dec @ W_enc (centered
+    pre-activations), s fitted by least squares on the first batch (saetron.sae.init; logged and written
+    to train_config.json); `kaiming`: the SparseAutoencoder constructor's Kaiming-uniform encoder,
+    biases 0."""
+    max_norm_ratio: float = 10.0
+    """Skip rows whose norm exceeds this multiple of the median row norm of the statistics pass (attention
+    sinks: norms 25-120x the median); counted as skipped_rows in the log. 0 = keep every row."""
     batch_size: int = 4096
     """Global batch in tokens (all ranks together); must divide by the number of ranks."""
     epochs: int = 1
@@ -85,7 +103,8 @@ class TrainConfig:
     """Rows shuffled together: chunks of consecutive rows from random places in all shards fill a
     buffer of this many rows, which is permuted. Bigger mixes more; costs no memory (rows are read lazily)."""
     stats_tokens: int = 262_144
-    """Tokens read before step 0 to estimate the activation mean (identical on every rank)."""
+    """Tokens read before step 0 (identical on every rank) for the activation mean, the median row norm
+    (--max_norm_ratio, explained_variance_normal) and the encoder init's first batch."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept; older ones are removed only after a newer one is complete."""
     prefetch: int = 4
@@ -104,12 +123,19 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=0 if name == "target_layer" else 1)
         choices = {"normalize_activations": NORMALIZATIONS, "activation": ACTIVATION_NAMES,
-                   "backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS}
+                   "backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS,
+                   "encoder_init": ENCODER_INITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {allowed}")
+        if self.lr is None:
+            self.lr = default_lr(self.d_sae)
         if not (self.lr > 0):
-            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+            raise ValueError(f"lr must be > 0 (or not given: {default_lr(self.d_sae):.3g} at d_sae "
+                             f"{self.d_sae}); got {self.lr!r}")
+        if not (self.max_norm_ratio == 0 or self.max_norm_ratio >= 1):
+            raise ValueError(f"max_norm_ratio must be 0 (off) or >= 1 (a multiple of the median row norm); "
+                             f"got {self.max_norm_ratio!r}")
         if not (self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping); got {self.max_grad_norm!r}")
         # l1_coeff and k are checked by SAEConfig, which the trainer builds before reading any data.

@@ -74,7 +74,8 @@ def test_help_shows_defaults():
     assert done.returncode == 0
     assert "--batch_size BATCH_SIZE Global batch in tokens (all ranks together); must divide by the " \
            "number of ranks. (default: 4096)" in text
-    assert "(required)" in text and "(default: 0.0004)" in text
+    assert "(required)" in text
+    assert "--lr LR Peak Adam learning rate. Not given: 2e-4 / sqrt(d_sae / 2^14)" in text
 
 
 def test_a_finished_run_is_recognised_without_loading_anything(store, tmp_path, monkeypatch, caplog):

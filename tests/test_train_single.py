@@ -36,7 +36,8 @@ def test_loss_falls_and_explained_variance_rises(trained):
     assert [m["step"] for m in lines] == [4, 8, 12, 16]
     assert all(list(m) == list(METRIC_KEYS) for m in lines)
     assert lines[-1]["loss"] < 0.6 * lines[0]["loss"]
-    assert lines[-1]["explained_variance"] > lines[0]["explained_variance"] + 0.5
+    # The least-squares encoder init starts near 0.77 here (Kaiming: -3.6); training still lifts it.
+    assert lines[-1]["explained_variance"] > max(lines[0]["explained_variance"] + 0.1, 0.85)
     assert last == pytest.approx(lines[-1])
     assert lines[-1]["lr"] == 2e-2 and lines[0]["tokens_per_s"] > 0
     assert 0 <= lines[-1]["dead_fraction"] <= 1

@@ -73,13 +73,15 @@ def test_a_nan_row_is_located_then_skipped_on_resume(store, tmp_path, caplog):
     step = step_of(store, 600 + 17)
     assert 2 <= step < 8  # the batch layout puts it after the first checkpoint
     out = tmp_path / "out"
+    # The statistics pass reads the stream's first 256 rows (steps 0-1 at 128 rows a step): not this row.
+    flags = [*FLAGS, "--checkpoint_every", "2", "--stats_tokens", "256"]
     message = rf"shard_00001.safetensors row 17 \(step {step}\): 1 of 128 rows hold a NaN or Inf activation"
     with pytest.raises(ValueError, match=message + "; pass --skip_nonfinite"):
-        train_in_process(store, out, *FLAGS, "--checkpoint_every", "2")
+        train_in_process(store, out, *flags)
     assert complete_checkpoints(out / "checkpoints")[-1].name == f"step_{step // 2 * 2:08d}"
 
     with caplog.at_level(logging.WARNING):
-        last = train_in_process(store, out, *FLAGS, "--checkpoint_every", "2", "--resume", "--skip_nonfinite")
+        last = train_in_process(store, out, *flags, "--resume", "--skip_nonfinite")
     assert last["step"] == 8 and np.isfinite(last["loss"])
     assert f"dropped 1 of 128 rows holding a NaN or Inf (--skip_nonfinite): shard_00001.safetensors row 17 " \
            f"(step {step})" in caplog.text
@@ -87,10 +89,10 @@ def test_a_nan_row_is_located_then_skipped_on_resume(store, tmp_path, caplog):
     assert [m["step"] for m in read_metrics(out)] == [2, 4, 6, 8]
 
 
-def test_a_nan_row_in_the_activation_mean_pass(store, tmp_path):
+def test_a_nan_row_in_the_statistics_pass(store, tmp_path):
     plant(store / "shard_00000.safetensors", row=5, column=0, value=float("inf"))
     flags = [f for f in FLAGS if f not in ("--normalize_activations", "none")]
-    with pytest.raises(ValueError, match=r"shard_00000.safetensors row 5 \(the activation-mean pass before "
+    with pytest.raises(ValueError, match=r"shard_00000.safetensors row 5 \(the statistics pass before "
                                          r"step 0\)"):
         train_in_process(store, tmp_path / "a", *flags, "--max_steps", "2")
     last = train_in_process(store, tmp_path / "b", *flags, "--max_steps", "2", "--skip_nonfinite")
