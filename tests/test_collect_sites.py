@@ -2,7 +2,6 @@
 after the deepest layer, a crash between two sites' manifests resumes as one run, repair works per site."""
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -46,8 +45,8 @@ def test_each_site_equals_its_one_site_run(arch, docs_jsonl, tmp_path, monkeypat
     for name, manifest in stores.items():
         layer, point = name.removeprefix("layer_").split(".")
         single = str(tmp_path / name)
-        alone = collect(CollectConfig(model=model, dataset=docs_jsonl, target_layer=int(layer), hook_point=point,
-                                      output_dir=single, **COMMON))
+        alone = collect(CollectConfig(model=model, dataset=docs_jsonl, target_layer=int(layer),
+                                      hook_point=point, output_dir=single, **COMMON))
         assert len(alone["shards"]) == 4 and alone == manifest, name
         assert files(single) == files(os.path.join(out, name)), name
     assert not torch.equal(_rows(out, "layer_2.mlp_out"), _rows(out, "layer_2.resid_post"))  # distinct sites
@@ -81,10 +80,11 @@ class _Layers(nn.Module):
 
 def test_the_forward_stops_before_a_deepest_resid_pre():
     model = _Layers()
+    input_ids = torch.arange(6).view(2, 3)
     with LayerHook(model.layers, [0, 2], "resid_pre") as hook:
-        pre0, pre2 = hook.capture(model, torch.arange(6).view(2, 3))
-    torch.testing.assert_close(pre2, model.layers[1](model.layers[0](model.embed(torch.arange(6).view(2, 3)))))
-    assert torch.equal(pre0, model.embed(torch.arange(6).view(2, 3)))
+        pre0, pre2 = hook.capture(model, input_ids)
+    torch.testing.assert_close(pre2, model.layers[1](model.layers[0](model.embed(input_ids))))
+    assert torch.equal(pre0, model.embed(input_ids))
     with pytest.raises(ValueError, match="splice replaces one hook site, got 2"):
         LayerHook(model.layers, [0, 1], "resid_post", splice=lambda h: h)
 
@@ -144,4 +144,4 @@ def test_layouts_are_not_mixed(tiny_llama, docs_jsonl, tmp_path):  # noqa: F811
         CollectConfig(target_layer="1,1", output_dir="x", **one)
     with pytest.raises(ValueError, match=r"hook_point='resid_mid'"):
         CollectConfig(target_layer=1, hook_point="resid_post,resid_mid", output_dir="x", **one)
-    assert json.loads((tmp_path / "b" / "layer_2.resid_post" / "manifest.json").read_text())["target_layer"] == 2
+    assert read_manifest(tmp_path / "b" / "layer_2.resid_post")["target_layer"] == 2

@@ -73,8 +73,8 @@ def test_smollm2_sites_equal_their_one_site_runs(smollm2, tmp_path):
     assert list(stores) == ["layer_3.resid_post", "layer_3.mlp_out", "layer_9.resid_post", "layer_9.mlp_out"]
     for name in ("layer_3.mlp_out", "layer_9.resid_post"):
         layer, point = name.removeprefix("layer_").split(".")
-        alone = collect(CollectConfig(target_layer=int(layer), hook_point=point, output_dir=str(tmp_path / name),
-                                      **settings), loaded=smollm2)
+        alone = collect(CollectConfig(target_layer=int(layer), hook_point=point,
+                                      output_dir=str(tmp_path / name), **settings), loaded=smollm2)
         assert alone == stores[name] and len(alone["shards"]) == 2, name
         for entry in alone["shards"]:
             ours = open(tmp_path / "sites" / name / entry["file"], "rb").read()
