@@ -35,7 +35,7 @@ class LoadedModel:
     d_model: int
     dtype: torch.dtype
     device: torch.device
-    """Where inputs go (the embedding's device under `device_map="auto"`)."""
+    """Where inputs go (the embedding's execution device under a device_map)."""
     revision: str
 
 

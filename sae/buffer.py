@@ -113,6 +113,8 @@ class BufferedBatches:
 
     def _produce(self, open_rows: OpenRows, index: int, position: dict) -> None:
         try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0; this rank's is another
             context = torch.cuda.stream(self._stream) if self.cuda else _nothing()
             with context:
                 self._fill_all(open_rows, index, position)
