@@ -339,6 +339,8 @@ def finished_run(cfg: TrainConfig, store: ActivationStore | None, world_size: in
     mine = cfg.to_dict()
     if store is not None:
         mine.update(target_layer=store.manifest["target_layer"], d_model=store.d_model)
+    elif cfg.d_model is None:  # --model: its width is known once it loads; the other keys name the model
+        mine["d_model"] = saved.get("d_model")
     keys = (*RESUME_KEYS, *SOURCE_KEYS)
     checkpoints = complete_checkpoints(out / "checkpoints")
     if cfg.resume != "latest" or any(saved.get(k) != mine[k] for k in keys) or not checkpoints \

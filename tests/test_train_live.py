@@ -14,6 +14,7 @@ from train_support import REPO, read_metrics
 
 from saetron.collect.collector import collect
 from saetron.collect.config import CollectConfig
+from saetron.sae import live
 from saetron.sae.checkpoint import CRASH_ENV, complete_checkpoints, load_rank_state
 from saetron.sae.train import main
 
@@ -49,12 +50,18 @@ def same_run(a, b) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_live_training_equals_training_from_the_store(tiny_llama, text, from_store, tmp_path):  # noqa: F811
-    main(["--model", tiny_llama, "--dataset", text, *LIVE, "--output_dir", str(tmp_path / "live"), *TRAIN])
+def test_live_training_equals_training_from_the_store(tiny_llama, text, from_store, tmp_path,  # noqa: F811
+                                                       monkeypatch):
+    out = str(tmp_path / "live")
+    command = ["--model", tiny_llama, "--dataset", text, *LIVE, "--output_dir", out, *TRAIN]
+    main(command)
     assert [m["step"] for m in read_metrics(tmp_path / "live")] == [2, 4, 6, 8, 10, 12]
     same_run(tmp_path / "live", from_store)
     state = load_rank_state(tmp_path / "live" / "checkpoints" / "step_00000012", 0)
     assert state["buffer"] == 12 * 64 // 200 and set(state["position"]) == {"chunk", "skip"}
+    # A --resume of the finished run recognises it without loading the model.
+    monkeypatch.setattr(live, "load_model", lambda *a, **k: pytest.fail("a finished run loaded the model"))
+    assert main(command + ["--resume"])["step"] == 12
 
 
 def test_killed_live_run_resumes_exactly(tiny_llama, text, from_store, tmp_path):  # noqa: F811
