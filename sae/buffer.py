@@ -21,6 +21,7 @@ the buffer is refilled from there (the stream is deterministic), so a resumed ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -115,7 +116,7 @@ class BufferedBatches:
         try:
             if self.cuda:
                 torch.cuda.set_device(self.device)  # a new thread starts on device 0; this rank's is another
-            context = torch.cuda.stream(self._stream) if self.cuda else _nothing()
+            context = torch.cuda.stream(self._stream) if self.cuda else contextlib.nullcontext()
             with context:
                 self._fill_all(open_rows, index, position)
         except BaseException as error:  # raised by the consumer when it reaches it
@@ -242,11 +243,3 @@ class BufferedBatches:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

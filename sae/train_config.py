@@ -36,7 +36,8 @@ class TrainConfig:
     num_shards: int | None = None
     """Read only the first N shards of the store; None reads all of them."""
     target_layer: int | None = None
-    """Expected hooked layer; checked against the manifest (a mismatch is an error). None: the manifest's."""
+    """Expected hooked layer; checked against the manifest (a mismatch is an error). None: the manifest's.
+    With --model: the layer to hook."""
     d_model: int | None = None
     """Expected activation width; checked against the manifest (a mismatch is an error). None: the manifest's
     d_model."""
