@@ -65,6 +65,7 @@ def test_dry_run_writes_the_results(dry_run):
     rows = collected["batches"] * collected["shape"]["batch"] * (collected["shape"]["context"] - 1)
     assert collected["batches"] == 6 and 0.9 * rows < collected["tokens"] <= rows  # EOS rows are left out
     assert collected["bare_tok_s"] > 0 and collected["disk_write_mb_s_fsync"] > 0
+    assert collected["check"]["ok"] and collected["check"]["bf16_max_abs_diff"] == 0  # float32 on CPU
     for name, bytes_per_row in (("collect", 4 * 64), ("collect_fp8", 64 + 4)):  # + token id and position
         r = collected[name]
         assert r["tok_s"] > 0 and r["ratio"] > 0 and r["steady_ratio"] > 0 and r["startup_s"] >= 0

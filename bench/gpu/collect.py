@@ -16,7 +16,9 @@ split each run: start-up (entry to the first forward), first forward, steady (en
 the end of the last: the batches' GPU time with the collector's work and any stall between them), tail
 (end of the last forward to the return: the last batch's copy, write and fsync, the manifest).
 Reports ratio = bare / collect over the whole run (the probe's figure) and steady_ratio over the steady
-span (what a long collection sees), write MB/s, and the disk's own fsynced write rate. Writes collect.json.
+span (what a long collection sees), write MB/s, and the disk's own fsynced write rate; then checks the
+stores' rows against a direct forward of the first and last batch (exit 1 if they differ). Writes
+collect.json.
 --dry-run: a tiny Llama on CPU, host clocks instead of events, to check the code paths.
 """
 
@@ -110,6 +112,40 @@ def bare(loaded, batches, layer: int, clock: Clock) -> None:
             hook.capture(loaded.model, batch.input_ids.to(loaded.device, non_blocking=True))
 
 
+def check_stores(loaded, batches, layer: int, work: Path) -> dict:
+    """The last round's stores against a direct forward of the first and the last batch: the bf16 store's
+    rows (max |difference|: 0 expected, the same kernels on the same batch; `ok` needs the relative error
+    under 1e-2, which a race or a misplaced row far exceeds while a reduction order that differs would
+    not) and the float8 store's decoded rows within fp8.py's bound |x̂ - x| <= 2^-4 |x| + 2^-10 scale
+    (worst ratio to the bound: <= 1)."""
+    import numpy as np
+
+    from saetron.collect.model import LayerHook
+    from saetron.collect.packing import kept_rows
+    from saetron.collect.store import ActivationStore
+
+    stores = {name: ActivationStore(work / name) for name in ("collect", "collect_fp8")}
+    starts = np.cumsum([0] + [len(b.keep_idx) for b in batches])
+    worst_diff, worst_relative, worst_ratio = 0.0, 0.0, 0.0
+    with LayerHook(loaded.layers, layer, "resid_post") as hook:
+        for i in (0, len(batches) - 1):
+            activations = hook.capture(loaded.model, batches[i].input_ids.to(loaded.device))
+            want = kept_rows(activations[0], batches[i].keep_idx.to(loaded.device)).float().cpu()
+            rows = np.arange(starts[i], starts[i + 1])
+            got = stores["collect"].gather(rows, torch.empty(len(rows), loaded.d_model, dtype=loaded.dtype))
+            worst_diff = max(worst_diff, (got.float() - want).abs().max().item())
+            worst_relative = max(worst_relative, ((got.float() - want).norm() / want.norm()).item())
+            codes = torch.empty(len(rows), loaded.d_model, dtype=torch.uint8)
+            scales = torch.empty(len(rows))
+            stores["collect_fp8"].gather_encoded(rows, codes, scales)
+            decoded = codes.view(torch.float8_e4m3fn).float() * scales[:, None]
+            bound = 2.0 ** -4 * want.abs() + 2.0 ** -10 * scales[:, None] + 1e-30
+            worst_ratio = max(worst_ratio, ((decoded - want).abs() / bound).max().item())
+    ok = worst_relative < 1e-2 and worst_ratio <= 1.0 + 1e-5
+    return {"bf16_max_abs_diff": worst_diff, "bf16_relative_error": worst_relative,
+            "fp8_worst_error_to_bound": worst_ratio, "ok": ok}
+
+
 def disk_write_mb_s(folder: Path, megabytes: int) -> float:
     """This disk's write rate, fsynced, MB/s: `megabytes` of random bytes in 64 MB writes."""
     block = torch.randint(0, 256, (min(megabytes, 64) << 20,), dtype=torch.uint8).numpy()
@@ -197,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         hook_class.capture = capture
     best = {name: min(rs, key=lambda r: r["total_s"]) for name, rs in runs.items()}
     steady_best = {name: min(r["steady_s"] for r in rs) for name, rs in runs.items()}
+    check = check_stores(loaded, batches, shape["layer"], work)
     result = {"env": common.environment(), "shape": shape, "tokens": tokens, "batches": len(batches),
-              "parameters": params, "runs": runs,
+              "parameters": params, "runs": runs, "check": check,
               "bare_tok_s": tokens / best["bare"]["total_s"],
               "disk_write_mb_s_fsync": disk_write_mb_s(work, shape["disk_mb"])}
     for name in ("collect", "collect_fp8"):
@@ -211,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
             "bytes": best[name]["bytes"]}
     common.write_json(args.out, "collect.json", result)
     print(summary(result), flush=True)
+    if not check["ok"]:
+        sys.exit(f"the stores differ from a direct forward: {check}")
     return result
 
 
@@ -223,6 +262,10 @@ def summary(result: dict) -> str:
         lines.append(f"  {name:<12} {r['tok_s']:>9,.0f} tok/s  ratio {r['ratio']:.3f}  steady ratio "
                      f"{r['steady_ratio']:.3f}  start-up {r['startup_s']:.2f} s  tail {r['tail_s']:.2f} s  "
                      f"{r['write_mb_s']:,.0f} MB/s written")
+    check = result["check"]
+    lines.append(f"  stores vs a direct forward (first and last batch): bf16 max |diff| "
+                 f"{check['bf16_max_abs_diff']:.3g}, fp8 worst error / bound "
+                 f"{check['fp8_worst_error_to_bound']:.3f} -> {'ok' if check['ok'] else 'FAILED'}")
     return "\n".join(lines)
 
 
