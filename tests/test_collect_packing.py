@@ -38,3 +38,36 @@ def test_windows_are_the_documents_joined_by_eos(tiny_llama, docs_jsonl):  # noq
     want = [t for doc in DOCS for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [1]]
     assert len(want) - len(stream) < CONTEXT - 1  # only the tail shorter than a window is dropped
     assert stream == want[: len(stream)]
+
+
+def test_text_shards_read_every_wth_document_and_resume(tiny_llama, docs_jsonl):  # noqa: F811
+    """Rank r of W (live training under torchrun; text_shard) reads documents r, r + W, ...: the shards are
+    disjoint, together the whole text, and each resumes from any of its windows."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    docs = [f"document {i}: " + DOCS[i % len(DOCS)] for i in range(12)]  # distinct documents
+    eos = tokenizer.eos_token_id
+
+    def tokens(shard):
+        windows = iter_windows(_stream(docs), tokenizer, CONTEXT, None, None, text_shard=shard)
+        return [(w, s) for w, s in windows]
+
+    for rank in range(3):
+        mine = tokens((rank, 3))
+        stream = [t for w, _ in mine for t in w[1:]]
+        encoded = tokenizer(docs[rank::3], add_special_tokens=False)["input_ids"]
+        want = [t for ids in encoded for t in ids + [eos]]
+        assert len(want) - len(stream) < CONTEXT - 1 and stream == want[: len(stream)], rank
+        for k in range(0, len(mine) - 1, 2):
+            resumed = iter_windows(_stream(docs), tokenizer, CONTEXT, None, mine[k][1], text_shard=(rank, 3))
+            assert next(resumed) == mine[k + 1], (rank, k)
+
+
+def _stream(docs):
+    import datasets
+
+    return datasets.IterableDataset.from_generator(_docs, gen_kwargs={"docs": docs})
+
+
+def _docs(docs):
+    for doc in docs:
+        yield {"text": doc}

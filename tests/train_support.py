@@ -44,7 +44,8 @@ def write_store(folder: Path, shard_tokens: list[int], d_model: int = 32, dtype:
                             keep_special_tokens=False, dataset="synthetic", split="train", text_field="text",
                             tokenizer="test/tiny")
     for i, n in enumerate(shard_tokens):
-        x = synthetic_activations(n, d_model, n_features, active, seed=seed * 1000 + i).to(dtype)
+        x = synthetic_activations(n, d_model, n_features, active, seed=seed * 1000 + i)
+        x = x if dtype == torch.float8_e4m3fn else x.to(dtype)  # float8: write_shard encodes float rows
         token_ids = torch.randint(0, 1000, (n,), dtype=torch.int32)
         positions = torch.arange(n, dtype=torch.int32) % 63 + 1
         write_shard(folder, manifest, x, token_ids, positions, row_norms(x), stream_state={"shard": i})

