@@ -38,6 +38,7 @@ from .distributed import DistEnv, init_distributed, shard_model, shutdown_distri
 from .metrics import Metrics, MetricsFile, format_line
 from .model import SparseAutoencoder
 from .optim import SAEAdam
+from .sparsity_control import L0Controller
 from .train_config import TrainConfig, field_docs
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ logger = logging.getLogger(__name__)
 # Settings a resumed run must share with its checkpoint (the others only change logging or the end).
 RESUME_KEYS = ("d_sae", "l1_coeff", "lr", "batch_size", "normalize_activations", "apply_b_dec_to_input",
                "activation", "k", "seed", "d_model", "lr_warmup_steps", "l1_warmup_steps", "lr_decay",
-               "max_grad_norm", "shuffle_buffer")
+               "max_grad_norm", "shuffle_buffer", "l0_coeff", "target_l0", "aux_k_coeff",
+               "jumprelu_bandwidth", "jumprelu_start_batches", "dead_window")
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -61,16 +63,23 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
-               cfg: TrainConfig, step: int, lr: float):
-    """One optimizer step on this rank's batch x [b, d_in] -> (loss, reconstructed, features, loss_dict)."""
+               cfg: TrainConfig, step: int, lr: float, controller: L0Controller | None = None):
+    """One optimizer step on this rank's batch x [b, d_in] -> (loss, reconstructed, features, loss_dict).
+
+    The sparsity term in the loss (relu, jumprelu) is scaled by its warm-up and by `controller`'s
+    multiplier (--target_l0), which then learns from the step's L0.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     reconstructed, features, loss_dict = model(x)
     loss = loss_dict["loss"]
     architecture = model.architecture
-    if architecture.sparsity_in_loss and cfg.l1_warmup_steps:  # the sparsity term warmed up
-        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)
-        loss = loss - (1.0 - l1_scale) * loss_dict[architecture.sparsity_key]
+    warming = architecture.sparsity_in_loss and step + 1 < cfg.l1_warmup_steps
+    if architecture.sparsity_in_loss and (warming or controller is not None):
+        scale = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+        if controller is not None:
+            scale = scale * controller.multiplier().to(loss.dtype)
+        loss = loss + (scale - 1.0) * loss_dict[architecture.sparsity_key]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # The norm of the gradients as Adam uses them (W_dec's projected), its clip applied inside step().
@@ -85,6 +94,8 @@ def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
             "before the optimizer step (the last checkpoint is intact). Lower --lr, raise --lr_warmup_steps "
             "or check the activations for outliers, then --resume latest")
     optimizer.step()  # W_dec: decoder-parallel projection, Adam, renormalization (sae/optim.py)
+    if controller is not None:
+        controller.update(loss_dict["l0"], lr, integrate=not warming)
     return loss, reconstructed, features, loss_dict
 
 
@@ -96,8 +107,13 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         cfg.dtype, torch.bfloat16 if env.device.type == "cuda" else torch.float32)
     cfg = replace(cfg, target_layer=store.manifest["target_layer"], d_model=store.d_model,
                   dtype=str(compute_dtype).removeprefix("torch."))
+    if cfg.activation == "jumprelu" and cfg.k is None and cfg.target_l0 is not None:
+        cfg = replace(cfg, k=max(1, round(cfg.target_l0)))  # the thresholds start at the target
     sae_cfg = SAEConfig(store.d_model, cfg.d_sae, cfg.normalize_activations, cfg.apply_b_dec_to_input,
-                        cfg.l1_coeff, cfg.activation, cfg.k)
+                        cfg.l1_coeff, cfg.activation, cfg.k, aux_k_coeff=cfg.aux_k_coeff,
+                        dead_window=cfg.dead_window, l0_coeff=cfg.l0_coeff,
+                        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+                        jumprelu_start_batches=cfg.jumprelu_start_batches)
     order = ShuffleOrder(store.starts, cfg.shuffle_buffer, cfg.seed)
     batches_per_epoch = check_batch_size(store.total_tokens, cfg.batch_size, env.world_size)
     total_steps = min(cfg.epochs * batches_per_epoch, cfg.max_steps or math.inf)
@@ -118,12 +134,13 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
         model.estimate_activation_mean(stats_batches(store, order, cfg.stats_tokens))
     shard_model(model.to(env.device), env, compute_dtype)
     optimizer = SAEAdam(model, lr=cfg.lr)
-    metrics = Metrics(cfg.d_sae, store.d_model, cfg.batch_size, cfg.dead_window,
+    metrics = Metrics(cfg.d_sae, store.d_model, cfg.batch_size, model.architecture.dead_latents,
                       max(0, total_steps - math.ceil(cfg.dead_window / cfg.batch_size)), env.device)
+    controller = L0Controller(cfg.target_l0, env.device) if cfg.target_l0 is not None else None
 
     start_step = 0
     if ckpt is not None:
-        start_step = resume(ckpt, cfg, store, model, optimizer, metrics, total_steps)
+        start_step = resume(ckpt, cfg, store, model, optimizer, metrics, controller, total_steps)
     metrics_file = MetricsFile(out_dir / "metrics.jsonl", fresh=ckpt is None) if env.is_main else None
     run = start_wandb(cfg) if cfg.wandb and env.is_main else None
 
@@ -135,12 +152,15 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
         for step, x in enumerate(loader, start=start_step):
             lr = lr_at(cfg, step, total_steps)
-            loss, reconstructed, features, loss_dict = train_step(model, optimizer, x, cfg, step, lr)
+            loss, reconstructed, features, loss_dict = train_step(model, optimizer, x, cfg, step, lr,
+                                                                  controller)
             metrics.update(step, loss, loss_dict, x, reconstructed, features)
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == total_steps:
                 last = metrics.compute(done, lr, time.perf_counter() - t0)
+                if controller is not None:
+                    last["sparsity_coeff"] = sparsity_coeff(cfg) * float(controller.multiplier())
                 if env.is_main:
                     metrics_file.write(last)
                     logger.info(format_line(last))
@@ -148,7 +168,7 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                         run.log(last, step=done)
                 t0 = time.perf_counter()
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total_steps:
-                state = train_state(done, cfg, store, metrics)
+                state = train_state(done, cfg, store, metrics, controller)
                 save_checkpoint(out_dir / "checkpoints", done, model, optimizer, state, cfg.keep_checkpoints,
                                 env.is_main)
     bar.close()
@@ -164,19 +184,28 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     return last
 
 
-def train_state(step: int, cfg: TrainConfig, store: ActivationStore, metrics: Metrics) -> dict:
+def train_state(step: int, cfg: TrainConfig, store: ActivationStore, metrics: Metrics,
+                controller: L0Controller | None) -> dict:
     """What a checkpoint holds beside model and optimizer: the step (which fixes the data position,
-    see data.py), what it must match on resume, the dead-latent/density counters, the RNG."""
+    see data.py), what it must match on resume, the dead-latent/density counters, the RNG, the
+    --target_l0 controller's state."""
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     return {"step": step, "settings": json.dumps(settings, sort_keys=True),
-            "total_tokens": store.total_tokens, "rng_cpu": torch.get_rng_state(), **metrics.state_dict()}
+            "total_tokens": store.total_tokens, "rng_cpu": torch.get_rng_state(), **metrics.state_dict(),
+            **(controller.state_dict() if controller is not None else {})}
+
+
+def sparsity_coeff(cfg: TrainConfig) -> float:
+    """The configured coefficient of the sparsity term in the loss (the controller's starting point)."""
+    return cfg.l0_coeff if cfg.activation == "jumprelu" else cfg.l1_coeff
 
 
 def resume(ckpt: Path, cfg: TrainConfig, store: ActivationStore, model, optimizer, metrics: Metrics,
-           total_steps: int) -> int:
-    """Load ckpt into model, optimizer and metrics after checking it belongs to this run; returns its step."""
-    state = load_checkpoint(ckpt, model, optimizer, train_state(0, cfg, store, metrics))
-    expected = train_state(0, cfg, store, metrics)
+           controller: L0Controller | None, total_steps: int) -> int:
+    """Load ckpt into model, optimizer, metrics and controller after checking it belongs to this run;
+    returns its step."""
+    state = load_checkpoint(ckpt, model, optimizer, train_state(0, cfg, store, metrics, controller))
+    expected = train_state(0, cfg, store, metrics, controller)
     if (state["settings"], state["total_tokens"]) != (expected["settings"], expected["total_tokens"]):
         raise ValueError(f"--resume {ckpt}: the checkpoint's settings {state['settings']} over "
                          f"{state['total_tokens']} tokens differ from this run's {expected['settings']} over "
@@ -187,6 +216,8 @@ def resume(ckpt: Path, cfg: TrainConfig, store: ActivationStore, model, optimize
         raise ValueError(f"--resume {ckpt}: the checkpoint is at step {step}, past this run's last step "
                          f"{total_steps}; raise --max_steps or --epochs")
     metrics.load_state_dict(state, step)
+    if controller is not None:
+        controller.load_state_dict(state)
     torch.set_rng_state(state["rng_cpu"])
     return step
 

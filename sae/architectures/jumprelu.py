@@ -1,0 +1,190 @@
+"""JumpReLU: learned per-latent thresholds, a straight-through estimator, an L0 penalty.
+
+Rajamanoharan et al. (2024), "Jumping ahead: improving reconstruction fidelity with JumpReLU sparse
+autoencoders", DeepMind's variant (the estimator's gradients reach the thresholds only):
+
+    theta_i     = s * exp(l_i)        l = `log_threshold` [d_sae], a parameter starting at 0;
+                                      s = `threshold_scale`, a 0-d buffer (the thresholds' start)
+    f_i         = z_i * H(z_i - theta_i)                   z = pre-activations [B, d_sae]
+    l0_penalty  = l0_coeff * mean over tokens of sum_i H(z_i - theta_i)        (part of the loss)
+
+Straight-through estimator, kernel K = the rectangle on (-1/2, 1/2), bandwidth eps = jumprelu_bandwidth * s:
+
+    df_i/dz_i     = H(z_i - theta_i)
+    df_i/dtheta_i = -(theta_i / eps) K((z_i - theta_i) / eps)
+    dH/dtheta_i   = -(1 / eps) K((z_i - theta_i) / eps)         (and dH/dz_i = 0)
+
+These are the exact theta-derivatives of the smoothed objective in which H(u) becomes the kernel's
+CDF clamp(u / eps + 1/2, 0, 1) in the penalty, and f's jump of height theta at z = theta is spread
+over the window: f~(z, theta) = z - int_{-inf}^{theta} (t / eps) K((z - t) / eps) dt (tests check both by
+finite differences). The kernel reaches down to theta - eps/2, so training encodes with the rule
+Threshold(theta, margin=eps/2): its slots in (theta - eps/2, theta] have the value 0 and carry the
+thresholds' gradients. Inference: Threshold(theta), f = ReLU of the pre-activations above theta.
+
+Where the thresholds start. The paper starts every theta at 0.001 (in its input normalization) and
+trains ~100k steps; a log-parameterized threshold moves by about lr times itself per Adam step, so it
+needs log(theta_final / theta_start) / lr steps to reach its scale (SAELens and dictionary_learning went
+to a direct parameterization for that reason). saetron keeps the paper's log parameterization and
+starts the thresholds at their scale instead. The first `jumprelu_start_batches` training forwards
+(`start_batches` counts them) are BatchTopK ones: the batch's B*k largest pre-activations, ReLU, no L0
+penalty, so that L0 = k while the encoder's scale settles (right after the initialization the encoder
+can change the pre-activations' scale by several times lr per step, faster than log-thresholds follow;
+measured with --target_l0 8 on a synthetic store at lr 1e-2 from the Kaiming initialization: a JumpReLU
+that starts after one batch falls to L0 0.7 within 40 steps and needs ~350 steps to come back, one that
+starts after 50 stays within 10% of 8 from step ~140 on). Each of them sets s to the batch's smallest positive
+selected pre-activation (averaged over the ranks), so the thresholds start at L0 ~ k; eps follows s, so
+the estimator does not depend on the activations' scale. Before the first training batch s = 0
+(theta = 0: inference is a plain ReLU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from saetron.kernels.selection import BatchTopK, Selection, SelectionRule, Threshold
+from saetron.kernels.sparse_code import SparseCode
+
+from .base import Architecture, LossInputs, check_k
+from .batchtopk import smallest_positive
+from .registry import register
+
+
+def _forget_host_copies(module, _) -> None:
+    """After a state-dict load: the host copies of the buffers are stale."""
+    module._scale = None
+    module._started = None
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """K(u) = 1 on (-1/2, 1/2), else 0 (in u's dtype)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """(z, theta, eps) -> z * H(z - theta); z and theta of one shape; the STE of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        window = rectangle((z.to(theta.dtype) - theta) / ctx.eps)
+        return g * (z > theta), -(theta / ctx.eps) * window * g.to(theta.dtype), None
+
+
+class StepFunction(torch.autograd.Function):
+    """(z, theta, eps) -> H(z - theta) in z's dtype; gradient to theta only (the L0 penalty's STE)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        window = rectangle((z.to(theta.dtype) - theta) / ctx.eps)
+        return None, -(1.0 / ctx.eps) * window * g.to(theta.dtype), None
+
+
+@register
+class JumpReLU(Architecture):
+    """Per-latent thresholds theta = s * exp(log_threshold); see the module docstring."""
+
+    name = "jumprelu"
+    saelens_name = "jumprelu"
+    sparsity_key = "l0_penalty"
+    sparsity_in_loss = True
+
+    def __init__(self, cfg, device=None, dtype=None) -> None:
+        super().__init__(cfg, device, dtype)
+        self.log_threshold = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
+        self.register_buffer("threshold_scale", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("start_batches", torch.zeros((), dtype=torch.int64, device=device))
+        self._scale: float | None = None  # threshold_scale on the host; re-read after a state-dict load
+        self._started: int | None = None  # start_batches on the host; likewise
+        self.register_load_state_dict_post_hook(_forget_host_copies)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_k(cfg, "the L0 at which its thresholds start, set on the first training batch")
+
+    # -- thresholds ----------------------------------------------------------------------------------
+
+    def scale(self) -> float:
+        """s on the host (one synchronization after construction or a load, then cached)."""
+        if self._scale is None:
+            self._scale = float(self.threshold_scale)
+        return self._scale
+
+    def bandwidth(self) -> float:
+        """eps = jumprelu_bandwidth * s."""
+        return self.cfg.jumprelu_bandwidth * self.scale()
+
+    def thresholds(self) -> Tensor:
+        """theta [d_sae], differentiable in log_threshold; fp32 at least (bf16 training), fp64 stays."""
+        log_threshold = self.log_threshold.to(torch.promote_types(self.log_threshold.dtype, torch.float32))
+        return self.threshold_scale * log_threshold.exp()
+
+    def _starting(self) -> bool:
+        """Whether this training forward is one of the first jumprelu_start_batches (BatchTopK, setting s)."""
+        if not self.training:
+            return False
+        if self._started is None:
+            self._started = int(self.start_batches)
+        return self._started < self.cfg.jumprelu_start_batches
+
+    # -- the forward's hooks -----------------------------------------------------------------------
+
+    def selection_rules(self) -> list[SelectionRule]:
+        if self._starting():
+            return [BatchTopK(self.cfg.k)]
+        margin = self.bandwidth() / 2 if self.training else 0.0
+        return [Threshold(self.thresholds().detach(), margin)]
+
+    def activate(self, selections: Sequence[Selection]) -> SparseCode:
+        if not self.training or self._starting():
+            return super().activate(selections)  # ReLU of the selection (theta >= 0 at inference)
+        indices, z, valid = selections[0]
+        f = JumpReLUFunction.apply(z, self.thresholds()[indices], self.bandwidth())  # [B, K]
+        return SparseCode(indices, torch.where(valid, f, 0))
+
+    def dense_activation(self, pre: Tensor) -> Tensor:
+        if self._starting():
+            top = torch.topk(pre.reshape(-1), pre.shape[0] * self.cfg.k).indices  # [B*k]
+            return torch.zeros_like(pre).view(-1).scatter(0, top, pre.reshape(-1)[top].relu()).view_as(pre)
+        theta = self.thresholds().expand_as(pre)
+        if not self.training:
+            return pre * (pre > theta)
+        return JumpReLUFunction.apply(pre, theta, self.bandwidth())
+
+    def sparsity_loss(self, inputs: LossInputs) -> Tensor:
+        """l0_coeff * mean over tokens of the number of z > theta (STE to theta; 0 on the first batch)."""
+        if self._starting():
+            return inputs.l1.new_zeros(())
+        indices, z, valid = inputs.selections[0]
+        theta = self.thresholds()[indices]  # [B, K]
+        active = StepFunction.apply(z, theta, self.bandwidth()) if self.training else (z > theta).to(z.dtype)
+        return self.cfg.l0_coeff * torch.where(valid, active, 0).sum(-1).mean()
+
+    @torch.no_grad()
+    def observe(self, selections: Sequence[Selection], code: SparseCode) -> None:
+        if self._starting():
+            v, ranks = smallest_positive(selections[0])
+            self.threshold_scale.copy_(torch.where(ranks > 0, v, self.threshold_scale.double()))
+            self.start_batches += 1
+            self._scale = None
+            self._started += 1
+
+    # -- export --------------------------------------------------------------------------------------
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        return {"threshold": self.thresholds().detach()}
