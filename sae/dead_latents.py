@@ -35,6 +35,7 @@ class DeadLatents(nn.Module):
         self.window = window
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64, device=device),
                              persistent=False)
+        self.tokens_counted = 0  # on the host: no latent can be dead before `window` tokens were counted
 
     @torch.no_grad()
     def update(self, code: SparseCode) -> None:
@@ -44,6 +45,17 @@ class DeadLatents(nn.Module):
         if world > 1:
             dist.all_reduce(fired, op=dist.ReduceOp.MAX)
         self.tokens_since_fired.add_(code.indices.shape[0] * world).masked_fill_(fired.bool(), 0)
+        self.tokens_counted += code.indices.shape[0] * world
+
+    @torch.no_grad()
+    def restore(self, tokens_since_fired: Tensor) -> None:
+        """Set the counts (a resumed run's); latents may be dead from the next step on."""
+        self.tokens_since_fired.copy_(tokens_since_fired)
+        self.tokens_counted = max(self.tokens_counted, self.window)
+
+    def may_have_dead(self) -> bool:
+        """False while fewer than `window` tokens were counted (no host synchronization)."""
+        return self.tokens_counted >= self.window
 
     @property
     def mask(self) -> Tensor:

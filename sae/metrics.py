@@ -82,7 +82,7 @@ class Metrics:
 
     def load_state_dict(self, state: dict, step: int) -> None:
         """Restore what state_dict saved at `step` (the global density sum goes to rank 0 only)."""
-        self.dead_latents.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.dead_latents.restore(state["tokens_since_fired"])
         self.density_counts.zero_()
         if state["density_from_step"] == self.density_from_step:
             if dist.get_rank() == 0:

@@ -49,8 +49,9 @@ def make_sae(backend: str, activation: str, k: int | None, d_in: int = 24, d_sae
 def set_dead(sae, latents) -> None:
     """Mark `latents` dead (their tokens_since_fired at the window)."""
     dead = sae.architecture.dead_latents
-    dead.tokens_since_fired.zero_()
-    dead.tokens_since_fired[torch.as_tensor(latents)] = dead.window
+    since = torch.zeros_like(dead.tokens_since_fired)
+    since[torch.as_tensor(latents, dtype=torch.int64)] = dead.window
+    dead.restore(since)
 
 
 def named_parameters(sae) -> dict[str, torch.Tensor]:

@@ -85,12 +85,12 @@ def test_dead_window_counts_tokens_without_firing():
     dead = DeadLatents(d_sae=6, window=12)
     dead.update(code([0, 1], zero_latent=5))  # 4 tokens
     assert dead.tokens_since_fired.tolist() == [0, 0, 4, 4, 4, 4]
-    assert not bool(dead.mask.any())
+    assert not bool(dead.mask.any()) and not dead.may_have_dead()  # known on the host: no AuxK sync
     dead.update(code([0]))
     assert dead.tokens_since_fired.tolist() == [0, 4, 8, 8, 8, 8] and not bool(dead.mask.any())
     dead.update(code([2]))  # 12 tokens without latents 3, 4, 5 firing: dead
     assert dead.tokens_since_fired.tolist() == [4, 8, 0, 12, 12, 12]
-    assert dead.mask.tolist() == [False, False, False, True, True, True]
+    assert dead.mask.tolist() == [False, False, False, True, True, True] and dead.may_have_dead()
     assert float(dead.fraction()) == 0.5
     dead.update(code([3]))  # 3 fires again: alive; 1 reaches the window
     assert dead.mask.tolist() == [False, True, False, False, True, True]

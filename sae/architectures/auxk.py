@@ -50,9 +50,10 @@ class AuxKArchitecture(Architecture):
     def auxk_rules(self) -> list[SelectionRule]:
         """[RowTopK(k_aux, dead)] in a training forward with dead latents and aux_k_coeff > 0, else [].
 
-        Reads the number of dead latents on the host (one synchronization per training step).
+        Once `dead_window` tokens have been counted, reads whether any latent is dead on the host (one
+        synchronization per training step); before, none can be.
         """
-        if not self.training or self.cfg.aux_k_coeff == 0:
+        if not self.training or self.cfg.aux_k_coeff == 0 or not self.dead_latents.may_have_dead():
             return []
         dead = self.dead_latents.mask
         if not bool(dead.any()):
