@@ -52,6 +52,9 @@ class SAEConfig:
     jumprelu_start_batches: int = 50
     """`jumprelu`'s first training batches are BatchTopK ones (L0 = k, no L0 penalty) while the encoder's
     scale settles; the last sets where the thresholds start. At least 1."""
+    jumprelu_ste_to_input: bool = True
+    """`jumprelu`'s straight-through estimator also reaches the pre-activations (Anthropic's variant; False:
+    DeepMind's, the thresholds only); sae/architectures/jumprelu.py says why True is the default."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae"):
@@ -62,8 +65,9 @@ class SAEConfig:
             raise ValueError(
                 f"unknown normalize_activations {self.normalize_activations!r}; allowed: {NORMALIZATIONS}"
             )
-        if not isinstance(self.apply_b_dec_to_input, bool):
-            raise ValueError(f"apply_b_dec_to_input must be a bool; got {self.apply_b_dec_to_input!r}")
+        for name in ("apply_b_dec_to_input", "jumprelu_ste_to_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("l1_coeff", "aux_k_coeff", "l0_coeff", "jumprelu_bandwidth"):
             value, positive = getattr(self, name), name == "jumprelu_bandwidth"
             if isinstance(value, bool) or not isinstance(value, int | float) or not (

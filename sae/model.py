@@ -76,6 +76,7 @@ class SparseAutoencoder(nn.Module):
         l0_coeff: float = 1e-3,
         jumprelu_bandwidth: float = 0.1,
         jumprelu_start_batches: int = 50,
+        jumprelu_ste_to_input: bool = True,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -98,6 +99,7 @@ class SparseAutoencoder(nn.Module):
             l0_coeff=l0_coeff,
             jumprelu_bandwidth=jumprelu_bandwidth,
             jumprelu_start_batches=jumprelu_start_batches,
+            jumprelu_ste_to_input=jumprelu_ste_to_input,
         )
         factory = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **factory))

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 RESUME_KEYS = ("d_sae", "l1_coeff", "lr", "batch_size", "normalize_activations", "apply_b_dec_to_input",
                "activation", "k", "seed", "d_model", "lr_warmup_steps", "l1_warmup_steps", "lr_decay",
                "max_grad_norm", "shuffle_buffer", "l0_coeff", "target_l0", "aux_k_coeff",
-               "jumprelu_bandwidth", "jumprelu_start_batches", "dead_window")
+               "jumprelu_bandwidth", "jumprelu_start_batches", "jumprelu_ste_to_input", "dead_window")
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
                         cfg.l1_coeff, cfg.activation, cfg.k, aux_k_coeff=cfg.aux_k_coeff,
                         dead_window=cfg.dead_window, l0_coeff=cfg.l0_coeff,
                         jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-                        jumprelu_start_batches=cfg.jumprelu_start_batches)
+                        jumprelu_start_batches=cfg.jumprelu_start_batches,
+                        jumprelu_ste_to_input=cfg.jumprelu_ste_to_input)
     order = ShuffleOrder(store.starts, cfg.shuffle_buffer, cfg.seed)
     batches_per_epoch = check_batch_size(store.total_tokens, cfg.batch_size, env.world_size)
     total_steps = min(cfg.epochs * batches_per_epoch, cfg.max_steps or math.inf)
@@ -136,7 +137,9 @@ def train(cfg: TrainConfig, env: DistEnv) -> dict:
     optimizer = SAEAdam(model, lr=cfg.lr)
     metrics = Metrics(cfg.d_sae, store.d_model, cfg.batch_size, model.architecture.dead_latents,
                       max(0, total_steps - math.ceil(cfg.dead_window / cfg.batch_size)), env.device)
-    controller = L0Controller(cfg.target_l0, env.device) if cfg.target_l0 is not None else None
+    controller = None
+    if cfg.target_l0 is not None:
+        controller = L0Controller(cfg.target_l0, model.architecture.target_l0_gain, env.device)
 
     start_step = 0
     if ckpt is not None:

@@ -7,6 +7,7 @@ import inspect
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
+from .architectures import ARCHITECTURES
 from .config import ACTIVATION_NAMES, NORMALIZATIONS, Activation, Normalization
 
 Dtype = Literal["auto", "float32", "bfloat16"]
@@ -15,7 +16,8 @@ Backend = Literal["auto", "triton", "torch", "reference"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 LR_DECAYS: tuple[str, ...] = get_args(LrDecay)
 BACKENDS: tuple[str, ...] = get_args(Backend)
-TARGET_L0_ACTIVATIONS = ("relu", "jumprelu")  # the architectures with a sparsity coefficient in the loss
+# the architectures with a sparsity coefficient for --target_l0 to steer
+TARGET_L0_ACTIVATIONS = tuple(name for name, cls in ARCHITECTURES.items() if cls.target_l0_gain is not None)
 
 
 @dataclass
@@ -54,6 +56,9 @@ class TrainConfig:
     jumprelu_start_batches: int = 50
     """jumprelu: train the first this-many steps as BatchTopK (L0 = k) while the encoder's scale settles; the
     thresholds start at the last one's threshold at L0 = k."""
+    jumprelu_ste_to_input: bool = True
+    """jumprelu: the straight-through estimator also reaches the pre-activations (Anthropic's variant);
+    false: DeepMind's (thresholds only), whose L0 drifts down whatever the penalty in short runs."""
     lr: float = 4e-4
     """Peak Adam learning rate."""
     batch_size: int = 4096

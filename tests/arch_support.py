@@ -75,8 +75,10 @@ def dense_step(sae, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str,
     else:  # jumprelu
         theta = arch.threshold_scale * p["architecture.log_threshold"].exp()  # [d_sae] in pre's dtype
         eps = cfg.jumprelu_bandwidth * float(arch.threshold_scale)
-        f = JumpReLUFunction.apply(pre, theta.expand_as(pre), eps)
-        losses["l0_penalty"] = cfg.l0_coeff * StepFunction.apply(pre, theta.expand_as(pre), eps).sum(1).mean()
+        to_input = cfg.jumprelu_ste_to_input
+        f = JumpReLUFunction.apply(pre, theta.expand_as(pre), eps, to_input)
+        step = StepFunction.apply(pre, theta.expand_as(pre), eps, to_input)
+        losses["l0_penalty"] = cfg.l0_coeff * step.sum(1).mean()
     recon = f @ p["W_dec"] + p["b_dec"]
     losses["mse"] = (recon - x).pow(2).mean()
     dead = arch.dead_latents.mask

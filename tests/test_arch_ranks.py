@@ -35,7 +35,7 @@ def batches(rank: int) -> list[torch.Tensor]:
 def run(rank: int, world: int, activation: str) -> dict:
     """Three training forwards on rank `rank`'s batches; the state they leave."""
     sae = build(activation)
-    controller = L0Controller(2.0, torch.device("cpu"))
+    controller = L0Controller(2.0, 10.0, torch.device("cpu"))
     for x in batches(rank):
         _, _, losses = sae(x)
         controller.update(losses["l0"], lr=1e-2)
@@ -90,7 +90,7 @@ def test_ranks_agree_on_what_they_learn(tmp_path):
     jmins = [smallest_positive_selected("jumprelu", r) for r in range(2)]
     assert float(ranks[0]["jumprelu"]["scale"]) == pytest.approx((jmins[0][-1] + jmins[1][-1]) / 2, rel=1e-6)
     # the controller: from the mean L0 over the ranks (ReLU's differ from rank to rank)
-    saes, expected = [build("relu"), build("relu")], L0Controller(2.0, torch.device("cpu"))
+    saes, expected = [build("relu"), build("relu")], L0Controller(2.0, 10.0, torch.device("cpu"))
     for step_batches in zip(batches(0), batches(1)):
         l0 = [sae(x)[2]["l0"] for sae, x in zip(saes, step_batches)]
         assert float(l0[0]) != float(l0[1])

@@ -25,13 +25,19 @@ def smoothed_step(z, theta, eps):
     return ((z - theta) / eps + 0.5).clamp(0, 1)
 
 
-def finite_difference(fn, theta, h=1e-6):
-    """Central differences of the scalar fn w.r.t. each entry of theta [d] (fp64)."""
-    grad = torch.zeros_like(theta)
-    for i in range(theta.numel()):
-        step = torch.zeros_like(theta)
-        step[i] = h
-        grad[i] = (fn(theta + step) - fn(theta - step)) / (2 * h)
+def smoothed_jump_along_z(z, theta, eps):
+    """f with its jump spread along z: (z - theta) H(z - theta) + theta * clamp((z - theta) / eps + 1/2,
+    0, 1)."""
+    return (z - theta).clamp_min(0) + theta * smoothed_step(z, theta, eps)
+
+
+def finite_difference(fn, t, h=1e-6):
+    """Central differences of the scalar fn w.r.t. each entry of t (fp64)."""
+    grad = torch.zeros_like(t)
+    for i in range(t.numel()):
+        step = torch.zeros_like(t)
+        step.view(-1)[i] = h
+        grad.view(-1)[i] = (fn(t + step) - fn(t - step)) / (2 * h)
     return grad
 
 
@@ -42,14 +48,15 @@ def window_inputs():
     return z, theta
 
 
-def test_jumprelu_threshold_gradient_is_the_smoothed_objectives():
+@pytest.mark.parametrize("to_input", [True, False])
+def test_jumprelu_threshold_gradient_is_the_smoothed_objectives(to_input):
     """d/dtheta of sum w * f~(z, theta) by finite differences equals the estimator's theta-gradient; the
     objective is piecewise quadratic in theta, so central differences are exact up to fp64 round-off
     (h = 1e-6, values ~1: ~1e-10), unless a window edge falls within h of theta (probability ~1e-5)."""
     z, theta = window_inputs()
     w = torch.randn_like(z)
     t = theta.clone().requires_grad_()
-    f = JumpReLUFunction.apply(z, t.expand_as(z), EPS)
+    f = JumpReLUFunction.apply(z, t.expand_as(z), EPS, to_input)
     (w * f).sum().backward()
     expected = finite_difference(lambda th: (w * smoothed_jumprelu(z, th, EPS)).sum(), theta)
     in_window = ((z - theta).abs() < EPS / 2).sum(0)
@@ -58,24 +65,34 @@ def test_jumprelu_threshold_gradient_is_the_smoothed_objectives():
     torch.testing.assert_close(f, z * (z > theta), rtol=0, atol=0)  # the forward is the exact JumpReLU
 
 
-def test_l0_penalty_threshold_gradient_is_the_smoothed_objectives():
+@pytest.mark.parametrize("to_input", [True, False])
+def test_l0_penalty_threshold_gradient_is_the_smoothed_objectives(to_input):
     z, theta = window_inputs()
     t = theta.clone().requires_grad_()
-    step = StepFunction.apply(z, t.expand_as(z), EPS)
+    step = StepFunction.apply(z, t.expand_as(z), EPS, to_input)
     step.sum().backward()
     expected = finite_difference(lambda th: smoothed_step(z, th, EPS).sum(), theta)
     torch.testing.assert_close(t.grad, expected, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(step, (z > theta).double(), rtol=0, atol=0)
 
 
-def test_the_input_gradient_is_the_step_and_the_penalty_has_none():
+def test_input_gradients_are_the_smoothed_objectives_or_the_step():
+    """With the estimator to the input, the z-gradients are the finite differences of the jump spread
+    along z and of the penalty's CDF (piecewise linear in z: exact up to round-off, as above); without,
+    f's is the step H(z - theta) and the penalty's is 0."""
     z, theta = window_inputs()
-    z = z.requires_grad_()
-    JumpReLUFunction.apply(z, theta.expand_as(z), EPS).sum().backward()
-    torch.testing.assert_close(z.grad, (z > theta).double())
-    z.grad = None
-    StepFunction.apply(z, theta.expand_as(z), EPS).sum().backward()
-    assert z.grad is None or not bool(z.grad.any())
+    w = torch.randn_like(z)
+    for fn, smoothed in ((JumpReLUFunction, smoothed_jump_along_z), (StepFunction, smoothed_step)):
+        zz = z.clone().requires_grad_()
+        (w * fn.apply(zz, theta.expand_as(z), EPS, True)).sum().backward()
+        expected = finite_difference(lambda v, smoothed=smoothed: (w * smoothed(v, theta, EPS)).sum(), z)
+        torch.testing.assert_close(zz.grad, expected, rtol=1e-7, atol=1e-7, msg=fn.__name__)
+    zz = z.clone().requires_grad_()
+    (w * JumpReLUFunction.apply(zz, theta.expand_as(z), EPS, False)).sum().backward()
+    torch.testing.assert_close(zz.grad, w * (z > theta))
+    zz = z.clone().requires_grad_()
+    StepFunction.apply(zz, theta.expand_as(z), EPS, False).sum().backward()
+    assert zz.grad is None or not bool(zz.grad.any())
 
 
 def calibrated(sae, scale: float = 0.5, bandwidth_spread: float = 0.3):
@@ -89,11 +106,13 @@ def calibrated(sae, scale: float = 0.5, bandwidth_spread: float = 0.3):
     return sae
 
 
+@pytest.mark.parametrize("to_input", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_step_matches_the_dense_form(backend):
+def test_training_step_matches_the_dense_form(backend, to_input):
     """Loss (mse + L0 penalty) and every gradient, the thresholds' included: the encode's margin must
     bring every pre-activation of the estimator's window into the selection."""
-    sae = calibrated(make_sae(backend, "jumprelu", 4, l0_coeff=0.05, jumprelu_bandwidth=0.5))
+    sae = calibrated(make_sae(backend, "jumprelu", 4, l0_coeff=0.05, jumprelu_bandwidth=0.5,
+                              jumprelu_ste_to_input=to_input))
     x = torch.randn(16, 24, dtype=sae.W_enc.dtype)
     (rule,) = sae.architecture.selection_rules()
     assert isinstance(rule, Threshold) and rule.margin == pytest.approx(0.125)  # eps / 2 = 0.5 * 0.5 / 2

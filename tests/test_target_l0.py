@@ -6,12 +6,13 @@ import pytest
 import torch
 from train_support import read_metrics, train_in_process, write_store
 
-from saetron.sae.sparsity_control import KI_PER_LR, KP, MAX_ERROR, L0Controller
+from saetron.sae.sparsity_control import KP, MAX_ERROR, L0Controller
 from saetron.sae.train_config import TrainConfig
 
 
 def test_update_is_proportional_integral_in_log_space():
-    c = L0Controller(8.0, torch.device("cpu"))
+    c = L0Controller(8.0, 10.0, torch.device("cpu"))
+    KI_PER_LR = 10.0
     assert float(c.multiplier()) == 1.0
     c.update(torch.tensor(16.0), lr=1e-2)  # e = log 2
     e = math.log(2)
@@ -20,18 +21,18 @@ def test_update_is_proportional_integral_in_log_space():
     assert float(c.multiplier()) == pytest.approx(math.exp(KI_PER_LR * 1e-2 * e))
     c.update(torch.tensor(8e6), lr=0.0, integrate=False)  # far off: the error is clamped; lr 0 and the
     assert float(c.multiplier()) == pytest.approx(math.exp(KI_PER_LR * 1e-2 * e + KP * MAX_ERROR))  # warm-up
-    restored = L0Controller(8.0, torch.device("cpu"))
+    restored = L0Controller(8.0, 10.0, torch.device("cpu"))
     restored.load_state_dict(c.state_dict())
     assert torch.equal(restored.multiplier(), c.multiplier())
 
 
 def test_target_l0_is_validated():
-    with pytest.raises(ValueError, match=r"target_l0 steers a sparsity coefficient.*'topk'.*relu.*jumprelu"):
+    with pytest.raises(ValueError, match=r"target_l0 steers a sparsity coefficient.*'topk'.*jumprelu.*relu"):
         TrainConfig("d", "o", activation="topk", k=4, target_l0=8.0)
     with pytest.raises(ValueError, match=r"target_l0 must be a number in \(0, d_sae=64\]; got 65"):
         TrainConfig("d", "o", d_sae=64, target_l0=65)
     with pytest.raises(ValueError, match=r"target_l0 must be a finite number > 0; got -1"):
-        L0Controller(-1, torch.device("cpu"))
+        L0Controller(-1, 10.0, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

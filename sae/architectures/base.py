@@ -87,6 +87,9 @@ class Architecture(nn.Module):
     """loss_dict key of sparsity_loss (\"l1\": the generic L1 term)."""
     sparsity_in_loss: ClassVar[bool]
     """Whether sparsity_loss is added to the loss (ReLU) or only reported (TopK)."""
+    target_l0_gain: ClassVar[float | None] = None
+    """--target_l0's integral gain per unit of learning rate (sae/sparsity_control.py): how hard the
+    controller may push this architecture's sparsity coefficient; None: no --target_l0."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
