@@ -176,3 +176,15 @@ def test_the_host_copies_follow_a_load():
     sae.load_state_dict(state)
     assert sae.architecture.scale() == 2.0 and sae.architecture.bandwidth() == pytest.approx(0.2)
     assert sae.architecture._starting()  # 3 of 50 start batches done
+
+
+def test_start_batches_continue_until_one_has_a_positive_selection():
+    sae = SparseAutoencoder(24, 60, "none", activation="jumprelu", k=4, backend="torch",
+                            jumprelu_start_batches=1)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)  # no positive pre-activation: s cannot be set
+    for _ in range(2):
+        sae(torch.randn(8, 24))
+    arch = sae.architecture
+    assert int(arch.start_batches) == 2 and float(arch.threshold_scale) == 0.0
+    assert isinstance(arch.selection_rules()[0], BatchTopK)  # no JumpReLU step with eps = 0

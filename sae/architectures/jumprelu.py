@@ -137,7 +137,7 @@ class JumpReLU(Architecture):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        check_k(cfg, "the L0 at which its thresholds start, set on the first training batch")
+        check_k(cfg, "the L0 at which its thresholds start, set by its start batches")
 
     # -- thresholds ----------------------------------------------------------------------------------
 
@@ -157,12 +157,13 @@ class JumpReLU(Architecture):
         return self.threshold_scale * log_threshold.exp()
 
     def _starting(self) -> bool:
-        """Whether this training forward is one of the first jumprelu_start_batches (BatchTopK, setting s)."""
+        """Whether this training forward is a start batch (BatchTopK, setting s): one of the first
+        jumprelu_start_batches, or a later one while no batch had a positive selection (s = 0)."""
         if not self.training:
             return False
         if self._started is None:
             self._started = int(self.start_batches)
-        return self._started < self.cfg.jumprelu_start_batches
+        return self._started < self.cfg.jumprelu_start_batches or self.scale() <= 0
 
     # -- the forward's hooks -----------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class JumpReLU(Architecture):
         return JumpReLUFunction.apply(pre, theta, self.bandwidth(), self.to_input)
 
     def sparsity_loss(self, inputs: LossInputs) -> Tensor:
-        """l0_coeff * mean over tokens of the number of z > theta (STE to theta; 0 on the first batch)."""
+        """l0_coeff * mean over tokens of the number of z > theta (with the STE; 0 in the start batches)."""
         if self._starting():
             return inputs.l1.new_zeros(())
         indices, z, valid = inputs.selections[0]
