@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
@@ -30,10 +31,30 @@ class SAEConfig:
     l1_coeff: float = 5e-3
     """Weight of the L1 sparsity penalty sum_i f_i ||W_dec[i]|| (ReLU SAEs; TopK SAEs report it only)."""
     activation: Activation = "relu"
-    """The architecture (sae/architectures/): `relu` (the seed) or `topk` (keep the k largest
-    pre-activations per token, then ReLU)."""
+    """The architecture (sae/architectures/): `relu` (the seed), `topk` (keep the k largest
+    pre-activations per token, then ReLU), `batchtopk` (the batch's B*k largest in training, a learned
+    global threshold at inference), `jumprelu` (learned per-latent thresholds, an L0 penalty)."""
     k: int | None = None
-    """Active latents per token for `topk`; must be None for `relu`."""
+    """`topk`: active latents per token; `batchtopk`: per token on average over a batch; `jumprelu`: the
+    L0 at which its thresholds start (set on the first training batch); must be None for `relu`."""
+    aux_k_coeff: float = 1 / 32
+    """Weight of the AuxK loss (`topk`, `batchtopk`; 0 turns it off): the dead latents' top-k_aux
+    pre-activations (k_aux = d_in / 2) reconstruct the residual x - x_hat (architectures/auxk.py)."""
+    dead_window: int = 1_000_000
+    """A latent is dead after this many training tokens (all ranks together) without firing: AuxK's
+    candidates and the trainer's dead_fraction (sae/dead_latents.py)."""
+    l0_coeff: float = 1e-3
+    """Weight of `jumprelu`'s L0 penalty l0_coeff * mean over tokens of sum_i H(pre_i - theta_i), in the
+    units of the mse (mean over tokens and elements of the normalized input)."""
+    jumprelu_bandwidth: float = 0.1
+    """`jumprelu`'s straight-through estimator's kernel width, as a fraction of the thresholds' starting
+    value (the threshold at L0 = k of the last start batch), so that it follows the activations' scale."""
+    jumprelu_start_batches: int = 50
+    """`jumprelu`'s first training batches are BatchTopK ones (L0 = k, no L0 penalty) while the encoder's
+    scale settles; the last sets where the thresholds start. At least 1."""
+    jumprelu_ste_to_input: bool = True
+    """`jumprelu`'s straight-through estimator also reaches the pre-activations (Anthropic's variant; False:
+    DeepMind's, the thresholds only); sae/architectures/jumprelu.py says why True is the default."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae"):
@@ -44,10 +65,19 @@ class SAEConfig:
             raise ValueError(
                 f"unknown normalize_activations {self.normalize_activations!r}; allowed: {NORMALIZATIONS}"
             )
-        if not isinstance(self.apply_b_dec_to_input, bool):
-            raise ValueError(f"apply_b_dec_to_input must be a bool; got {self.apply_b_dec_to_input!r}")
-        if not (self.l1_coeff >= 0):  # also rejects NaN
-            raise ValueError(f"l1_coeff must be >= 0; got {self.l1_coeff!r}")
+        for name in ("apply_b_dec_to_input", "jumprelu_ste_to_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        for name in ("l1_coeff", "aux_k_coeff", "l0_coeff", "jumprelu_bandwidth"):
+            value, positive = getattr(self, name), name == "jumprelu_bandwidth"
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    (0 < value if positive else 0 <= value) and value < math.inf):
+                bound = "> 0" if positive else ">= 0"
+                raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
+        for name in ("dead_window", "jumprelu_start_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
         get_architecture(self.activation).check_config(self)  # unknown name: ValueError with the allowed
 
     def to_dict(self) -> dict:

@@ -5,9 +5,13 @@ Native (one folder):
     sae.safetensors      every entry of the model's state_dict: W_enc [d_in, d_sae], b_enc [d_sae],
                          W_dec [d_sae, d_in], b_dec [d_in], activation_mean [d_in], and an
                          architecture's own tensors as `architecture.<name>` (relu and topk have none,
-                         so their files are those of format_version 1 as first written)
+                         so their files are those of format_version 1 as first written; batchtopk:
+                         threshold, threshold_batches; jumprelu: log_threshold, threshold_scale).
+                         Training state that is not the SAE's function (dead-latent counters) is not
+                         saved. A loaded SAE is in inference mode (`.eval()`).
 
-SAELens (`export_saelens`, the architecture's SAELens name: "standard" for relu, "topk"):
+SAELens (`export_saelens`, the architecture's SAELens name: "standard" for relu, "topk", "jumprelu" for
+jumprelu and for batchtopk, which SAELens saves as a JumpReLU with its global threshold everywhere):
     cfg.json (+ the architecture's extra fields), sae_weights.safetensors (W_enc, W_dec, b_enc, b_dec
     + the architecture's extra tensors). The normalization folds its centering into the biases
     (sae/normalization.py: SAELens has no mean buffer), so SAELens' encode/decode of raw activations
@@ -131,7 +135,7 @@ def load_sae(
             )
     sae = SparseAutoencoder.from_config(cfg, device=device, dtype=tensors["W_enc"].dtype, backend=backend)
     sae.load_state_dict(tensors)
-    return sae
+    return sae.eval()  # inference mode (e.g. BatchTopK's threshold); sae.train() to train it further
 
 
 def saelens_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
@@ -141,7 +145,8 @@ def saelens_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
                                                       sae.cfg.apply_b_dec_to_input)
         state = {"W_enc": sae.W_enc.detach().clone(), "W_dec": sae.W_dec.detach().clone(),
                  "b_enc": b_enc, "b_dec": b_dec}
-        state.update({name: t.detach().clone() for name, t in sae.architecture.saelens_tensors().items()})
+        state.update({name: t.detach().to(sae.W_enc.dtype).clone()
+                      for name, t in sae.architecture.saelens_tensors().items()})
     return state
 
 

@@ -13,10 +13,8 @@ all-reduce turns the window into global values:
                           [1e-6, 1e4]: within 0.3% of the exact median (bins 0.56% wide, the value is
                           the bin's geometric centre); 1e-6 when below, inf when above 1e4
     skipped_rows          rows the --max_norm_ratio filter skipped in the window, all ranks
-    dead_fraction         latents that fired on no rank in the last `dead_window` tokens (or since the
-                          start, before that many tokens were seen)
-Dead latents: each rank counts the steps since each latent last fired on it; the global count is the
-all-reduced minimum, so a latent firing on any rank is alive.
+    dead_fraction         latents that fired on no rank in the last `dead_window` tokens: the SAE's own
+                          count (sae/dead_latents.py, the same on every rank; AuxK's candidates)
 """
 
 from __future__ import annotations
@@ -31,11 +29,13 @@ from torch import Tensor
 
 from saetron.kernels.sparse_code import SparseCode
 
+from .dead_latents import DeadLatents
 from .distributed import all_reduce
 from .losses import firing_counts, normal_rows, per_token_fvu
 
 METRIC_KEYS = ("step", "loss", "mse", "l1", "l0", "explained_variance", "explained_variance_normal",
                "median_fvu", "skipped_rows", "dead_fraction", "tokens_per_s", "lr")
+OPTIONAL_KEYS = ("sparsity_coeff",)  # with --target_l0: the sparsity coefficient in effect (train.py adds it)
 DENSITY_EPS = 1e-10  # SAELens' epsilon in log10(density + eps), so a never-firing latent reads -10
 # The median-FVU histogram: FVU_BINS log-spaced bins over [FVU_MIN, FVU_MAX] plus an under- and an
 # overflow bin; 10 decades / 4096 bins = 0.56% per bin.
@@ -45,13 +45,13 @@ FVU_MIN, FVU_MAX, FVU_BINS = 1e-6, 1e4, 4096
 class Metrics:
     """Window sums, dead-latent counters and the density window of one rank."""
 
-    def __init__(self, d_sae: int, d_in: int, batch_size: int, dead_window: int,
+    def __init__(self, d_sae: int, d_in: int, batch_size: int, dead_latents: DeadLatents,
                  density_from_step: int, device: torch.device, *, mean: Tensor, median_norm: float) -> None:
-        """`mean` [d_in] and `median_norm`: the statistics pass's (row_stats.RowStatistics)."""
+        """`dead_latents`: the model's (sae.architecture.dead_latents); `mean` [d_in] and `median_norm`:
+        the statistics pass's (row_stats.RowStatistics)."""
         self.batch_size = batch_size
-        self.dead_window_steps = math.ceil(dead_window / batch_size)
+        self.dead_latents = dead_latents
         self.density_from_step = density_from_step
-        self.steps_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.density_counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self._sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, mse, l1, l0
         self._ev = torch.zeros(2, 3 + d_in, dtype=torch.float64, device=device)  # all / normal rows:
@@ -83,10 +83,8 @@ class Metrics:
         self._fvu_counts.index_add_(0, bins, torch.ones_like(bins))  # bincount would sync on CUDA
         if skipped is not None:
             self._skipped += skipped
-        counts = firing_counts(features, len(self.steps_since_fired))  # [d_sae]
-        self.steps_since_fired = torch.where(counts > 0, 0, self.steps_since_fired + 1)
         if step >= self.density_from_step:
-            self.density_counts += counts
+            self.density_counts += firing_counts(features, len(self.density_counts))  # [d_sae]
         self._steps += 1
 
     @torch.no_grad()
@@ -98,8 +96,7 @@ class Metrics:
         res, sum_sq, rows, sum_x = ev[:, 0], ev[:, 1], ev[:, 2], ev[:, 3:]
         total = (sum_sq - sum_x.pow(2).sum(-1) / rows.clamp_min(1)).clamp_min(torch.finfo(torch.float64).tiny)
         explained = torch.where(rows > 0, 1 - res / total, math.nan)  # [2]: all rows, normal rows
-        since = all_reduce(self.steps_since_fired.clone(), dist.ReduceOp.MIN)
-        dead = (since >= min(self.dead_window_steps, steps_done)).double().mean()
+        dead = self.dead_latents.fraction()
         out = {"step": steps_done, "loss": sums[0].item(), "mse": sums[1].item(), "l1": sums[2].item(),
                "l0": sums[3].item(), "explained_variance": explained[0].item(),
                "explained_variance_normal": explained[1].item(), "median_fvu": self._median_fvu(),
@@ -128,13 +125,13 @@ class Metrics:
 
     def state_dict(self) -> dict:
         """Collective: the counters as identical tensors on every rank (for a checkpoint)."""
-        return {"steps_since_fired": all_reduce(self.steps_since_fired.clone(), dist.ReduceOp.MIN),
+        return {"tokens_since_fired": self.dead_latents.tokens_since_fired.clone(),
                 "density_counts": all_reduce(self.density_counts.clone()),
                 "density_from_step": self.density_from_step}
 
     def load_state_dict(self, state: dict, step: int) -> None:
         """Restore what state_dict saved at `step` (the global density sum goes to rank 0 only)."""
-        self.steps_since_fired.copy_(state["steps_since_fired"])
+        self.dead_latents.restore(state["tokens_since_fired"])
         self.density_counts.zero_()
         if state["density_from_step"] == self.density_from_step:
             if dist.get_rank() == 0:
@@ -155,7 +152,8 @@ def format_line(m: dict) -> str:
             f"l0 {m['l0']:7.1f} | ev {m['explained_variance']:6.3f} | "
             f"ev_normal {m['explained_variance_normal']:6.3f} | median_fvu {m['median_fvu']:6.3f} | "
             f"skipped {m['skipped_rows']:>5d} | dead {100 * m['dead_fraction']:5.1f}% | lr {m['lr']:.2e} | "
-            f"tok/s {m['tokens_per_s']:>11,.0f}")
+            f"tok/s {m['tokens_per_s']:>11,.0f}"
+            + (f" | coeff {m['sparsity_coeff']:.3g}" if "sparsity_coeff" in m else ""))
 
 
 class MetricsFile:
@@ -185,7 +183,7 @@ class MetricsFile:
 
     def write(self, m: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: m[k] for k in METRIC_KEYS}) + "\n")
+            f.write(json.dumps({k: m[k] for k in METRIC_KEYS + OPTIONAL_KEYS if k in m}) + "\n")
 
     def last(self) -> dict:
         """The last record written (an empty dict if none)."""

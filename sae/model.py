@@ -20,7 +20,9 @@ Losses (`loss_dict`, all scalars):
     mse                 mean over tokens and elements of (recon_n - x_n)^2, in the SAE's (normalized) space
     l1                  l1_coeff * mean over tokens of sum_i f_i * ||W_dec[i]||
     loss                mse + the architecture's sparsity loss when it is part of the loss (relu: l1;
-                        topk: none, its sparsity is structural; l1 is reported) + its auxiliary losses
+                        jumprelu: its L0 penalty `l0_penalty`; topk, batchtopk: none, their sparsity
+                        is structural; l1 is reported) + its auxiliary losses (topk, batchtopk in
+                        training: `auxk`)
     l0                  mean number of active latents per token (detached)
     explained_variance  1 - sum ||x - reconstructed||^2 / sum ||x - mean_batch(x)||^2 (input units, detached)
 An architecture may add keys (its sparsity loss when not `l1`, its auxiliary losses).
@@ -69,6 +71,12 @@ class SparseAutoencoder(nn.Module):
         l1_coeff: float = 5e-3,
         activation: str = "relu",
         k: int | None = None,
+        aux_k_coeff: float = 1 / 32,
+        dead_window: int = 1_000_000,
+        l0_coeff: float = 1e-3,
+        jumprelu_bandwidth: float = 0.1,
+        jumprelu_start_batches: int = 50,
+        jumprelu_ste_to_input: bool = True,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -86,6 +94,12 @@ class SparseAutoencoder(nn.Module):
             l1_coeff=l1_coeff,
             activation=activation,
             k=k,
+            aux_k_coeff=aux_k_coeff,
+            dead_window=dead_window,
+            l0_coeff=l0_coeff,
+            jumprelu_bandwidth=jumprelu_bandwidth,
+            jumprelu_start_batches=jumprelu_start_batches,
+            jumprelu_ste_to_input=jumprelu_ste_to_input,
         )
         factory = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **factory))
@@ -101,16 +115,10 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, **factory) -> SparseAutoencoder:
-        return cls(
-            cfg.d_in,
-            cfg.d_sae,
-            cfg.normalize_activations,
-            cfg.apply_b_dec_to_input,
-            l1_coeff=cfg.l1_coeff,
-            activation=cfg.activation,
-            k=cfg.k,
-            **factory,
-        )
+        fields = cfg.to_dict()
+        positional = [fields.pop(name) for name in ("d_in", "d_sae", "normalize_activations",
+                                                    "apply_b_dec_to_input")]
+        return cls(*positional, **fields, **factory)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -223,6 +231,7 @@ class SparseAutoencoder(nn.Module):
         reconstructed = self.normalization.reconstruct(out, operands.stats)
         loss_dict = self._losses(x, operands, out, reconstructed, selections, code, ops)
         if self.training:
+            self.architecture.dead_latents.update(code)
             self.architecture.observe(selections, code)
         features = code.to_dense(self.cfg.d_sae) if requested == "reference" else code
         return reconstructed, features, loss_dict
@@ -299,7 +308,8 @@ class SparseAutoencoder(nn.Module):
     def load(
         cls, folder: str | Path, device: torch.device | str = "cpu", backend: str = "auto"
     ) -> SparseAutoencoder:
-        """Load what `save` wrote; a mismatched version, shape, missing tensor or bad file is a ValueError."""
+        """Load what `save` wrote, in inference mode (`.train()` to train it further); a mismatched version,
+        shape, missing tensor or bad file is a ValueError."""
         from .io import load_sae
 
         return load_sae(folder, device=device, backend=backend)

@@ -64,6 +64,7 @@ from .model import SparseAutoencoder
 from .optim import SAEAdam
 from .row_stats import RowStatistics, keep_rows, norm_limit
 from .source import SOURCE_KEYS, open_source, open_store, planned_steps
+from .sparsity_control import L0Controller
 from .train_config import TrainConfig, field_docs
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ PROG = "saetron-train"
 # Settings a resumed run must share with its checkpoint (the others only change logging or the end).
 RESUME_KEYS = ("d_sae", "l1_coeff", "lr", "batch_size", "normalize_activations", "apply_b_dec_to_input",
                "activation", "k", "seed", "d_model", "lr_warmup_steps", "l1_warmup_steps", "lr_decay",
-               "max_grad_norm", "shuffle_buffer")
+               "max_grad_norm", "shuffle_buffer", "l0_coeff", "target_l0", "aux_k_coeff",
+               "jumprelu_bandwidth", "jumprelu_start_batches", "jumprelu_ste_to_input", "dead_window")
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -88,16 +90,23 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
-               cfg: TrainConfig, step: int, lr: float):
-    """One optimizer step on this rank's batch x [b, d_in] -> (loss, reconstructed, features, loss_dict)."""
+               cfg: TrainConfig, step: int, lr: float, controller: L0Controller | None = None):
+    """One optimizer step on this rank's batch x [b, d_in] -> (loss, reconstructed, features, loss_dict).
+
+    The sparsity term in the loss (relu, jumprelu) is scaled by its warm-up and by `controller`'s
+    multiplier (--target_l0), which then learns from the step's L0.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     reconstructed, features, loss_dict = model(x)
     loss = loss_dict["loss"]
     architecture = model.architecture
-    if architecture.sparsity_in_loss and cfg.l1_warmup_steps:  # the sparsity term warmed up
-        l1_scale = min(1.0, (step + 1) / cfg.l1_warmup_steps)
-        loss = loss - (1.0 - l1_scale) * loss_dict[architecture.sparsity_key]
+    warming = architecture.sparsity_in_loss and step + 1 < cfg.l1_warmup_steps
+    if architecture.sparsity_in_loss and (warming or controller is not None):
+        scale = min(1.0, (step + 1) / cfg.l1_warmup_steps) if cfg.l1_warmup_steps else 1.0
+        if controller is not None:
+            scale = scale * controller.multiplier().to(loss.dtype)
+        loss = loss + (scale - 1.0) * loss_dict[architecture.sparsity_key]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # The norm of the gradients as Adam uses them (W_dec's projected), its clip applied inside step().
@@ -112,6 +121,8 @@ def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
             "before the optimizer step (the last checkpoint is intact). Lower --lr, raise --lr_warmup_steps "
             "or check the activations for outliers, then --resume latest")
     optimizer.step()  # W_dec: decoder-parallel projection, Adam, renormalization (sae/optim.py)
+    if controller is not None:
+        controller.update(loss_dict["l0"], lr, integrate=not warming)
     return loss, reconstructed, features, loss_dict
 
 
@@ -167,8 +178,14 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
     """The training loop over `source`'s batches (train())."""
     cfg = replace(cfg, target_layer=source.target_layer, d_model=source.d_model,
                   dtype=str(compute_dtype).removeprefix("torch."))
+    if cfg.activation == "jumprelu" and cfg.k is None and cfg.target_l0 is not None:
+        cfg = replace(cfg, k=max(1, round(cfg.target_l0)))  # the thresholds start at the target
     sae_cfg = SAEConfig(source.d_model, cfg.d_sae, cfg.normalize_activations, cfg.apply_b_dec_to_input,
-                        cfg.l1_coeff, cfg.activation, cfg.k)
+                        cfg.l1_coeff, cfg.activation, cfg.k, aux_k_coeff=cfg.aux_k_coeff,
+                        dead_window=cfg.dead_window, l0_coeff=cfg.l0_coeff,
+                        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+                        jumprelu_start_batches=cfg.jumprelu_start_batches,
+                        jumprelu_ste_to_input=cfg.jumprelu_ste_to_input)
     total_steps = source.total_steps()
     ckpt = find_checkpoint(out_dir / "checkpoints", cfg.resume) if cfg.resume else None
     earlier = complete_checkpoints(out_dir / "checkpoints")
@@ -198,13 +215,16 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
         (out_dir / "train_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     shard_model(model, env, compute_dtype)
     optimizer = SAEAdam(model, lr=cfg.lr)
-    metrics = Metrics(cfg.d_sae, source.d_model, cfg.batch_size, cfg.dead_window,
+    metrics = Metrics(cfg.d_sae, source.d_model, cfg.batch_size, model.architecture.dead_latents,
                       max(0, total_steps - math.ceil(cfg.dead_window / cfg.batch_size)), env.device,
                       mean=stats.mean, median_norm=stats.median_norm)
+    controller = None
+    if cfg.target_l0 is not None:
+        controller = L0Controller(cfg.target_l0, model.architecture.target_l0_gain, env.device)
 
     start_step, rank_state = 0, None
     if ckpt is not None:
-        start_step = resume(ckpt, cfg, source, model, optimizer, metrics, total_steps)
+        start_step = resume(ckpt, cfg, source, model, optimizer, metrics, controller, total_steps)
         rank_state = load_rank_state(ckpt, env.rank)
     metrics_file = MetricsFile(out_dir / "metrics.jsonl", start_step if ckpt else None) \
         if env.is_main else None
@@ -219,12 +239,15 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
         for step, x in enumerate(loader, start=start_step):
             x, skipped = filter_rows(x, cfg, max_norm, lambda i, s=step: loader.describe(s, i))
             lr = lr_at(cfg, step, total_steps)
-            loss, reconstructed, features, loss_dict = train_step(model, optimizer, x, cfg, step, lr)
+            loss, reconstructed, features, loss_dict = train_step(model, optimizer, x, cfg, step, lr,
+                                                                  controller)
             metrics.update(step, loss, loss_dict, x, reconstructed, features, skipped)
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == total_steps:
                 last = metrics.compute(done, lr, time.perf_counter() - t0)
+                if controller is not None:
+                    last["sparsity_coeff"] = sparsity_coeff(cfg) * float(controller.multiplier())
                 if env.is_main:
                     metrics_file.write(last)
                     eta = (time.perf_counter() - started) / (done - start_step) * (total_steps - done)
@@ -234,7 +257,7 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
                         run.log(last, step=done)
                 t0 = time.perf_counter()
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total_steps:
-                state = train_state(done, cfg, source, metrics)
+                state = train_state(done, cfg, source, metrics, controller)
                 save_checkpoint(out_dir / "checkpoints", done, model, optimizer, state, cfg.keep_checkpoints,
                                 env.is_main, rank_state=loader.state(done))
     bar.close()
@@ -266,20 +289,28 @@ def initialize(model: SparseAutoencoder, cfg: TrainConfig, stats: RowStatistics,
     return init_transpose(model, rows)
 
 
-def train_state(step: int, cfg: TrainConfig, source, metrics: Metrics) -> dict:
+def train_state(step: int, cfg: TrainConfig, source, metrics: Metrics,
+                controller: L0Controller | None) -> dict:
     """What a checkpoint holds beside model and optimizer: the step (which fixes the data position,
     see data.py; live training keeps each rank's stream position in the checkpoint's rank files), what it
-    must match on resume, the dead-latent/density counters, the RNG."""
+    must match on resume, the dead-latent/density counters, the RNG, the --target_l0 controller's state."""
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     return {"step": step, "settings": json.dumps(settings, sort_keys=True),
             "data": json.dumps(source.identity(), sort_keys=True), "rng_cpu": torch.get_rng_state(),
-            **metrics.state_dict()}
+            **metrics.state_dict(), **(controller.state_dict() if controller is not None else {})}
 
 
-def resume(ckpt: Path, cfg: TrainConfig, source, model, optimizer, metrics: Metrics, total_steps: int) -> int:
-    """Load ckpt into model, optimizer and metrics after checking it belongs to this run; returns its step."""
-    state = load_checkpoint(ckpt, model, optimizer, train_state(0, cfg, source, metrics))
-    expected = train_state(0, cfg, source, metrics)
+def sparsity_coeff(cfg: TrainConfig) -> float:
+    """The configured coefficient of the sparsity term in the loss (the controller's starting point)."""
+    return cfg.l0_coeff if cfg.activation == "jumprelu" else cfg.l1_coeff
+
+
+def resume(ckpt: Path, cfg: TrainConfig, source, model, optimizer, metrics: Metrics,
+           controller: L0Controller | None, total_steps: int) -> int:
+    """Load ckpt into model, optimizer, metrics and controller after checking it belongs to this run;
+    returns its step."""
+    state = load_checkpoint(ckpt, model, optimizer, train_state(0, cfg, source, metrics, controller))
+    expected = train_state(0, cfg, source, metrics, controller)
     if (state["settings"], state["data"]) != (expected["settings"], expected["data"]):
         raise ValueError(f"--resume {ckpt}: the checkpoint's settings {state['settings']} over the data "
                          f"{state['data']} differ from this run's {expected['settings']} over "
@@ -290,6 +321,8 @@ def resume(ckpt: Path, cfg: TrainConfig, source, model, optimizer, metrics: Metr
         raise ValueError(f"--resume {ckpt}: the checkpoint is at step {step}, past this run's last step "
                          f"{total_steps}; raise --max_steps or --epochs")
     metrics.load_state_dict(state, step)
+    if controller is not None:
+        controller.load_state_dict(state)
     torch.set_rng_state(state["rng_cpu"])
     return step
 

@@ -10,6 +10,7 @@ from typing import Literal, get_args
 
 from saetron.collect.config import DEFAULT_DATASET, HOOK_POINTS, HookPoint
 
+from .architectures import ARCHITECTURES
 from .config import ACTIVATION_NAMES, NORMALIZATIONS, Activation, Normalization
 
 Dtype = Literal["auto", "float32", "bfloat16"]
@@ -29,6 +30,10 @@ def default_lr(d_sae: int) -> float:
     """The learning rate when --lr is not given: 2e-4 / sqrt(d_sae / 2^14), sparsify's rule for Adam
     (3.77e-4 at d_sae 4608, 2e-4 at 16384, 1.07e-4 at 57344)."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+# the architectures with a sparsity coefficient for --target_l0 to steer
+TARGET_L0_ACTIVATIONS = tuple(name for name, cls in ARCHITECTURES.items() if cls.target_l0_gain is not None)
 
 
 @dataclass
@@ -84,7 +89,26 @@ class TrainConfig:
     d_sae: int = 16384
     """Number of latents of the SAE."""
     l1_coeff: float = 5e-3
-    """Weight of the L1 penalty sum_i f_i ||W_dec[i]|| (ReLU; TopK reports it only)."""
+    """Weight of the L1 penalty sum_i f_i ||W_dec[i]|| (relu; the others report it only). With --target_l0,
+    where the coefficient starts."""
+    l0_coeff: float = 1e-3
+    """Weight of jumprelu's L0 penalty l0_coeff * mean_tokens sum_i H(pre_i - theta_i) (in units of the mse).
+    With --target_l0, where the coefficient starts."""
+    target_l0: float | None = None
+    """relu, jumprelu: steer the sparsity coefficient (l1_coeff, l0_coeff) so that the L0 (active latents per
+    token) reaches this value (a controller in log space, sae/sparsity_control.py); jumprelu without --k
+    also starts its thresholds at this L0. None: the coefficient stays fixed."""
+    aux_k_coeff: float = 1 / 32
+    """Weight of the AuxK loss (topk, batchtopk): the dead latents' top d_in/2 pre-activations reconstruct
+    the residual, reviving them (sae/architectures/auxk.py). 0 turns it off."""
+    jumprelu_bandwidth: float = 0.1
+    """jumprelu: the straight-through estimator's kernel width, as a fraction of the thresholds' start."""
+    jumprelu_start_batches: int = 50
+    """jumprelu: train the first this-many steps as BatchTopK (L0 = k) while the encoder's scale settles; the
+    thresholds start at the last one's threshold at L0 = k."""
+    jumprelu_ste_to_input: bool = True
+    """jumprelu: the straight-through estimator also reaches the pre-activations (Anthropic's variant);
+    false: DeepMind's (thresholds only), whose L0 drifts down whatever the penalty in short runs."""
     lr: float | None = None
     """Peak Adam learning rate. Not given: 2e-4 / sqrt(d_sae / 2^14) (3.77e-4 at d_sae 4608, 2e-4 at 16384),
     written resolved into train_config.json."""
@@ -106,9 +130,12 @@ class TrainConfig:
     apply_b_dec_to_input: bool = False
     """Subtract b_dec from the normalized input before the encoder."""
     activation: Activation = "relu"
-    """`relu` (sparsity from the L1 penalty) or `topk` (exactly k active latents per token at most)."""
+    """`relu` (sparsity from the L1 penalty), `topk` (k active latents per token at most), `batchtopk` (k per
+    token on average over a batch in training, a learned threshold at inference), `jumprelu` (learned
+    per-latent thresholds and an L0 penalty)."""
     k: int | None = None
-    """Active latents per token for `topk`; must be unset for `relu`."""
+    """topk: active latents per token; batchtopk: the same on average; jumprelu: the L0 its thresholds start
+    at (default: --target_l0); must be unset for relu."""
     backend: Backend = "auto"
     """SAE compute backend (see SparseAutoencoder): `auto` picks the fastest one available."""
     dtype: Dtype = "auto"
@@ -117,7 +144,8 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     """Linear learning-rate warm-up from 0 over this many steps."""
     l1_warmup_steps: int = 0
-    """Linear L1-coefficient warm-up from 0 over this many steps (ReLU only)."""
+    """Linear warm-up from 0 of the sparsity term in the loss over this many steps (relu's L1, jumprelu's
+    L0 penalty)."""
     lr_decay: LrDecay = "none"
     """Learning-rate decay after the warm-up, reaching 0 at the last step: `none`, `linear`, `cosine`."""
     seed: int = 0
@@ -136,8 +164,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     dead_window: int = 1_000_000
-    """A latent is dead when it has not fired on any rank in the last this-many tokens; also the window
-    over which saelens/sparsity.safetensors measures feature density."""
+    """A latent is dead once it has not fired on any rank for this many tokens (AuxK's candidates, the
+    logged dead_fraction); also the window over which saelens/sparsity.safetensors measures feature
+    density."""
     shuffle_buffer: int = 262_144
     """Rows shuffled together: chunks of consecutive rows from random places in all shards fill a
     buffer of this many rows, which is permuted. Bigger mixes more; costs no memory (rows are read lazily)."""
@@ -176,9 +205,19 @@ class TrainConfig:
         if not (self.max_norm_ratio == 0 or self.max_norm_ratio >= 1):
             raise ValueError(f"max_norm_ratio must be 0 (off) or >= 1 (a multiple of the median row norm); "
                              f"got {self.max_norm_ratio!r}")
+        if self.target_l0 is not None:
+            target = self.target_l0
+            if isinstance(target, bool) or not isinstance(target, int | float) or not (
+                    0 < target <= self.d_sae):
+                raise ValueError(f"target_l0 must be a number in (0, d_sae={self.d_sae}]; got {target!r}")
+            if self.activation not in TARGET_L0_ACTIVATIONS:
+                raise ValueError(f"target_l0 steers a sparsity coefficient, which activation="
+                                 f"{self.activation!r} has not; use it with {TARGET_L0_ACTIVATIONS} "
+                                 "(topk and batchtopk set their L0 with --k)")
         if not (self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping); got {self.max_grad_norm!r}")
-        # l1_coeff and k are checked by SAEConfig, which the trainer builds before reading any data.
+        # l1_coeff, l0_coeff, aux_k_coeff, jumprelu_bandwidth and k are checked by SAEConfig, which the
+        # trainer builds before reading any data.
 
     def _check_source(self) -> None:
         """Exactly one data source: a store (--data_dir) or the model (--model) with what it needs."""

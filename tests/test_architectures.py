@@ -66,11 +66,13 @@ def probe(monkeypatch):
 
 
 def test_registry_names_every_architecture():
-    assert tuple(ARCHITECTURES) == ACTIVATION_NAMES == ("relu", "topk")
-    assert [get_architecture(n).saelens_name for n in ("relu", "topk")] == ["standard", "topk"]
-    assert [get_architecture(n).sparsity_in_loss for n in ("relu", "topk")] == [True, False]
-    with pytest.raises(ValueError, match=r"unknown activation 'jumprelu'; allowed: \('relu', 'topk'\)"):
-        get_architecture("jumprelu")
+    names = ("batchtopk", "jumprelu", "relu", "topk")
+    assert tuple(ARCHITECTURES) == ACTIVATION_NAMES == names
+    assert [get_architecture(n).saelens_name for n in names] == ["jumprelu", "jumprelu", "standard", "topk"]
+    assert [get_architecture(n).sparsity_in_loss for n in names] == [False, True, True, False]
+    with pytest.raises(ValueError, match=r"unknown activation 'gated'; allowed: \('batchtopk', 'jumprelu', "
+                                         r"'relu', 'topk'\)"):
+        get_architecture("gated")
     with pytest.raises(ValueError, match="two architectures are named 'topk'"):
         register(type("Other", (Architecture,), {"name": "topk"}))
 

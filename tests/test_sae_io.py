@@ -13,6 +13,7 @@ from saetron.sae.io import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 
 
 def _trained_like(normalize="expected_average_only_in", apply_b_dec=False, activation="relu", k=None):
+    """An SAE in inference mode with trained-like biases, mean and architecture state."""
     sae = SparseAutoencoder(
         24, 80, normalize, apply_b_dec, activation=activation, k=k, l1_coeff=1e-3, backend="reference"
     )  # dense features: compared with SAELens' below
@@ -20,17 +21,27 @@ def _trained_like(normalize="expected_average_only_in", apply_b_dec=False, activ
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.5)
         sae.activation_mean.normal_(2.0, 1.0)
-    return sae
+        if activation == "batchtopk":
+            sae.architecture.threshold.fill_(0.6)
+            sae.architecture.threshold_batches.fill_(40)
+        if activation == "jumprelu":
+            sae.architecture.threshold_scale.fill_(0.5)
+            sae.architecture.log_threshold.normal_(0, 0.5)
+    return sae.eval()
 
 
-@pytest.mark.parametrize("activation, k", [("relu", None), ("topk", 7)])
+ARCHITECTURES = [("relu", None), ("topk", 7), ("batchtopk", 7), ("jumprelu", 7)]
+
+
+@pytest.mark.parametrize("activation, k", ARCHITECTURES)
 def test_save_load_identity(tmp_path, activation, k):
     sae = _trained_like("layer_norm", True, activation, k)
     sae.save(tmp_path)
     assert (tmp_path / WEIGHTS_FILE).is_file() and (tmp_path / CONFIG_FILE).is_file()
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION
     loaded = SparseAutoencoder.load(tmp_path, backend="reference")
-    assert loaded.cfg == sae.cfg
+    assert loaded.cfg == sae.cfg and not loaded.training  # a loaded SAE is in inference mode
+    assert set(loaded.state_dict()) == set(sae.state_dict())
     for name, value in sae.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[name]), name
     x = torch.randn(16, 24)
@@ -119,7 +130,7 @@ EXPORT_CASES = [
     (normalize, apply_b_dec, activation, k)
     for normalize in ("expected_average_only_in", "layer_norm", "none")
     for apply_b_dec in (False, True)
-    for activation, k in (("relu", None), ("topk", 6))
+    for activation, k in (("relu", None), ("topk", 6), ("batchtopk", 6), ("jumprelu", 6))
 ]
 
 
@@ -133,7 +144,7 @@ def test_saelens_export_matches(tmp_path, normalize, apply_b_dec, activation, k)
     recon, features, _ = sae(x)
     sae.export_saelens(tmp_path, model_name="SmolLM2-135M", hook_name="model.layers.15")
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["architecture"] == ("topk" if activation == "topk" else "standard")
+    assert cfg["architecture"] == {"relu": "standard", "topk": "topk"}.get(activation, "jumprelu")
     assert cfg["d_in"] == 24 and cfg["d_sae"] == 80 and cfg["apply_b_dec_to_input"] is apply_b_dec
     assert cfg["normalize_activations"] == ("layer_norm" if normalize == "layer_norm" else "none")
     assert cfg["metadata"]["model_name"] == "SmolLM2-135M"
@@ -147,3 +158,7 @@ def test_saelens_export_matches(tmp_path, normalize, apply_b_dec, activation, k)
     # sums over d_in = 24 terms of size ~5; measured max difference ~4e-6.
     torch.testing.assert_close(their_features, features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(their_recon, recon, atol=1e-5, rtol=1e-5)
+    if activation in ("batchtopk", "jumprelu"):  # SAELens' JumpReLU with our thresholds
+        expected = sae.architecture.thresholds() if activation == "jumprelu" else torch.full((80,), 0.6)
+        torch.testing.assert_close(theirs.threshold.detach(), expected.detach(), rtol=0, atol=0)
+        assert 0 < int((features > 0).sum()) < features.numel() // 2  # the thresholds cut some

@@ -32,7 +32,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("flags, message", [
     (["--data_dir", "NOWHERE"], r"'NOWHERE' is not a folder: expected an activation store"),
-    (["--activation", "topk"], r"activation='topk' needs k, an int in \[1, d_sae=64\]; got k=None"),
+    (["--activation", "topk"],
+     r"activation='topk' needs k, an int in \[1, d_sae=64\] \(active latents per token\); got k=None"),
     (["--batch_size", "4096"], r"--batch_size 4096 exceeds the 1100 tokens of the chosen shards"),
 ])
 def test_usage_errors_are_one_line_with_status_2(store, tmp_path, flags, message):

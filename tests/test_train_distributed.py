@@ -48,3 +48,33 @@ def test_two_ranks_match_one_process_and_resume(tmp_path):
 def firing_counts_of(path, window_tokens: int = 4 * 256) -> torch.Tensor:
     """sparsity.safetensors holds log10(count / window_tokens + 1e-10); back to counts."""
     return torch.round((10 ** load_file(path)["sparsity"].double() - 1e-10) * window_tokens)
+
+
+def test_two_ranks_with_auxk_and_a_jumprelu_controller(tmp_path):
+    """TopK with AuxK active (a 512-token dead window): two ranks are the one-process run (the dead mask is
+    global, the AuxK term a mean over tokens). JumpReLU with --target_l0 (start batches, thresholds, the
+    controller: all-reduced state) trains, checkpoints and resumes under FSDP2 on two ranks."""
+    store = write_store(tmp_path / "store", [2100, 1996], d_model=24)
+    flags = ["--d_sae", "96", "--batch_size", "256", "--lr", "1e-2", "--log_every", "4", "--max_steps", "12",
+             "--dead_window", "512", "--shuffle_buffer", "2048"]
+    topk = [*flags, "--activation", "topk", "--k", "4", "--d_sae", "192"]  # (some latents die)
+    train_in_process(store, tmp_path / "one", *topk)
+    run = torchrun(2, store, tmp_path / "two", *topk)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert any(m["loss"] > m["mse"] for m in a)  # the AuxK term was on (loss = mse + auxk)
+    for ma, mb in zip(a, b):  # tolerances as in the test above
+        assert [mb[k] for k in SMOOTH] == pytest.approx([ma[k] for k in SMOOTH], rel=1e-5, abs=1e-6)
+        assert mb["dead_fraction"] == pytest.approx(ma["dead_fraction"], abs=1.5 / 192)
+
+    jump = [*flags, "--activation", "jumprelu", "--target_l0", "6", "--jumprelu_start_batches", "4"]
+    out = tmp_path / "jump"
+    first = torchrun(2, store, out, *jump, "--max_steps", "8", "--checkpoint_every", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2, store, out, *jump, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    lines = read_metrics(out)
+    assert [m["step"] for m in lines] == [4, 8, 12] and all("sparsity_coeff" in m for m in lines)
+    state = load_file(out / "sae.safetensors")
+    assert int(state["architecture.start_batches"]) == 4 and float(state["architecture.threshold_scale"]) > 0
+    assert "threshold" in load_file(out / "saelens" / "sae_weights.safetensors")

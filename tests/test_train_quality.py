@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from train_support import read_metrics, synthetic_activations, train_in_process, write_store
 
+from saetron.sae.dead_latents import DeadLatents
 from saetron.sae.distributed import init_distributed, shutdown_distributed
 from saetron.sae.losses import explained_variance_of, normal_rows, per_token_fvu
 from saetron.sae.metrics import Metrics
@@ -43,7 +44,7 @@ def test_metrics_match_direct_computation(one_rank):
     recon_all = torch.cat([b[1] for b in batches])
     median_norm = x_all.norm(dim=-1).median()
     mean = x_all.mean(0)
-    metrics = Metrics(40, D, 64, dead_window=640, density_from_step=0, device=torch.device("cpu"),
+    metrics = Metrics(40, D, 64, DeadLatents(40, window=640), density_from_step=0, device=torch.device("cpu"),
                       mean=mean, median_norm=median_norm.item())
     for step, (x, recon) in enumerate(batches):
         features = torch.zeros(64, 40)

@@ -13,8 +13,14 @@ optimized with the SAE's. The forward (saetron.sae.model) asks it, per batch:
     sparsity_loss(inputs)    its sparsity loss, reported as loss_dict[sparsity_key]; part of the loss
                              when `sparsity_in_loss` (the trainer warms it up by l1_warmup_steps)
     auxiliary_losses(inputs) more loss terms (e.g. an auxiliary reconstruction), each reported and added
-    observe(selections, code)  after a training forward, without gradients: update buffers
+    observe(selections, code)  after a training forward, without gradients: update buffers. Every
+                             rank runs it on its own batch: what it writes must be reduced over the
+                             ranks (or derived from something global) so that all ranks agree
     dense_activation(pre)    the same map dense, [B, d_sae] -> [B, d_sae]: the oracle of the tests
+
+Every architecture has `dead_latents` (sae/dead_latents.py), which the forward updates before
+`observe` on each training batch: which latents are dead, the same on every rank (AuxK's candidates,
+the trainer's dead_fraction).
 
 and for persistence: check_config(cfg) (its config fields), saelens_architecture(), saelens_config()
 and saelens_tensors() (SAELens' architecture name, the extra cfg.json fields and tensors).
@@ -34,6 +40,8 @@ from torch import Tensor, nn
 
 from saetron.kernels.selection import Selection, SelectionRule
 from saetron.kernels.sparse_code import SparseCode
+
+from ..dead_latents import DeadLatents
 
 if TYPE_CHECKING:
     from ..config import SAEConfig
@@ -59,6 +67,15 @@ class LossInputs:
     """The backend's decode without bias: a code [B, K] -> sum_j values * W_dec[indices], [B, d_in]."""
 
 
+def check_k(cfg, meaning: str) -> None:
+    """ValueError unless cfg.k is an int in [1, d_sae] (`meaning`: what k is, for the message)."""
+    if cfg.k is None:
+        raise ValueError(f"activation={cfg.activation!r} needs k, an int in [1, d_sae={cfg.d_sae}] "
+                         f"({meaning}); got k=None")
+    if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or not 1 <= cfg.k <= cfg.d_sae:
+        raise ValueError(f"k must be an int in [1, d_sae={cfg.d_sae}]; got k={cfg.k!r}")
+
+
 class Architecture(nn.Module):
     """Base class; subclasses set the class attributes and override what differs."""
 
@@ -70,11 +87,15 @@ class Architecture(nn.Module):
     """loss_dict key of sparsity_loss (\"l1\": the generic L1 term)."""
     sparsity_in_loss: ClassVar[bool]
     """Whether sparsity_loss is added to the loss (ReLU) or only reported (TopK)."""
+    target_l0_gain: ClassVar[float | None] = None
+    """--target_l0's integral gain per unit of learning rate (sae/sparsity_control.py): how hard the
+    controller may push this architecture's sparsity coefficient; None: no --target_l0."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.dead_latents = DeadLatents(cfg.d_sae, cfg.dead_window, device)
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:

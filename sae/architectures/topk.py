@@ -1,4 +1,7 @@
-"""TopK: f = ReLU of each token's k largest pre-activations; sparsity is structural (L1 reported only)."""
+"""TopK: f = ReLU of each token's k largest pre-activations; sparsity is structural (L1 reported only).
+
+Training adds AuxK (auxk.py) once latents are dead.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,13 @@ from torch import Tensor
 
 from saetron.kernels.selection import RowTopK, SelectionRule
 
-from .base import Architecture
+from .auxk import AuxKArchitecture
+from .base import check_k
 from .registry import register
 
 
 @register
-class TopK(Architecture):
+class TopK(AuxKArchitecture):
     """Selects each token's k largest pre-activations (RowTopK), then ReLU (a non-positive pick is 0)."""
 
     name = "topk"
@@ -21,13 +25,10 @@ class TopK(Architecture):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.k is None:
-            raise ValueError(f"activation='topk' needs k, an int in [1, d_sae={cfg.d_sae}]; got k=None")
-        if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or not 1 <= cfg.k <= cfg.d_sae:
-            raise ValueError(f"k must be an int in [1, d_sae={cfg.d_sae}]; got k={cfg.k!r}")
+        check_k(cfg, "active latents per token")
 
     def selection_rules(self) -> list[SelectionRule]:
-        return [RowTopK(self.cfg.k)]
+        return [RowTopK(self.cfg.k), *self.auxk_rules()]
 
     def dense_activation(self, pre: Tensor) -> Tensor:
         values, indices = torch.topk(pre, self.cfg.k, dim=-1)  # [B, k]
