@@ -46,14 +46,16 @@ def normal_rows(x: Tensor, median_norm: Tensor | float, ratio: float = NORMAL_NO
     return x.float().norm(dim=-1) <= ratio * median_norm
 
 
-def per_token_fvu(x: Tensor, reconstructed: Tensor, mean: Tensor) -> Tensor:
+def per_token_fvu(x: Tensor, reconstructed: Tensor, mean: Tensor, residual: Tensor | None = None) -> Tensor:
     """Fraction of variance unexplained per token, fp32 [B]: ||x_b - x_hat_b||^2 / ||x_b - mean||^2.
 
     x, reconstructed [B, d]; `mean` [d] is the data's mean (the evaluated rows' mean, or the
     trainer's activation-mean estimate). Its median over tokens (`median_fvu`) says how a typical
     token is reconstructed, where the pooled explained variance is dominated by the largest rows.
     A row equal to the mean (zero denominator) reads +inf unless reconstructed exactly (then NaN).
+    `residual` [B] fp32: ||x_b - x_hat_b||^2 when the caller has it already (saves a pass over x).
     """
     x32 = x.float()
-    residual = (x32 - reconstructed.float()).pow(2).sum(-1)  # [B]
+    if residual is None:
+        residual = (x32 - reconstructed.float()).pow(2).sum(-1)  # [B]
     return residual / (x32 - mean.float()).pow(2).sum(-1)

@@ -115,7 +115,8 @@ def train_step(model: SparseAutoencoder, optimizer: SAEAdam, x: torch.Tensor,
         grad_norm = grad_norm.full_tensor()
     # The norm is global (all ranks' gradients), so every rank takes the same branch: no rank is left
     # waiting in a collective. A NaN/Inf loss on any rank makes the gradients, hence the norm, non-finite.
-    if not math.isfinite(grad_norm.item()) or not math.isfinite(loss.item()):
+    # One host synchronization per step (both values in one transfer).
+    if not bool(torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).all()):
         raise RuntimeError(
             f"step {step}: loss {loss.item()} / gradient norm {grad_norm.item()} is not finite; stopped "
             "before the optimizer step (the last checkpoint is intact). Lower --lr, raise --lr_warmup_steps "
