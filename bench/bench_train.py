@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
     store = ActivationStore(store_dir)
     order = ShuffleOrder(store.starts, cfg.shuffle_buffer, cfg.seed)
     torch.manual_seed(0)
-    model = SparseAutoencoder.from_config(SAEConfig(D_MODEL, D_SAE, activation="topk", k=K))
+    model = SparseAutoencoder.from_config(SAEConfig(D_MODEL, d_sae=D_SAE, activation="topk", k=K))
     compute = torch.bfloat16 if CUDA else torch.float32
     shard_model(model.to(env.device), env, compute)
     optimizer = SAEAdam(model, lr=cfg.lr)

@@ -179,14 +179,7 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
     """The training loop over `source`'s batches (train())."""
     cfg = replace(cfg, target_layer=source.target_layer, d_model=source.d_model,
                   dtype=str(compute_dtype).removeprefix("torch."))
-    if cfg.activation == "jumprelu" and cfg.k is None and cfg.target_l0 is not None:
-        cfg = replace(cfg, k=max(1, round(cfg.target_l0)))  # the thresholds start at the target
-    sae_cfg = SAEConfig(source.d_model, cfg.d_sae, cfg.normalize_activations, cfg.apply_b_dec_to_input,
-                        cfg.l1_coeff, cfg.activation, cfg.k, aux_k_coeff=cfg.aux_k_coeff,
-                        dead_window=cfg.dead_window, l0_coeff=cfg.l0_coeff,
-                        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-                        jumprelu_start_batches=cfg.jumprelu_start_batches,
-                        jumprelu_ste_to_input=cfg.jumprelu_ste_to_input)
+    sae_cfg = SAEConfig(source.d_model, **cfg.options())
     total_steps = source.total_steps()
     ckpt = find_checkpoint(out_dir / "checkpoints", cfg.resume) if cfg.resume else None
     earlier = complete_checkpoints(out_dir / "checkpoints")

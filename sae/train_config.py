@@ -11,7 +11,7 @@ from typing import Literal, get_args
 from saetron.collect.config import DEFAULT_DATASET, HOOK_POINTS, HookPoint
 
 from .architectures import ARCHITECTURES
-from .config import ACTIVATION_NAMES, NORMALIZATIONS, Activation, Normalization
+from .config import SAEOptions
 
 Dtype = Literal["auto", "float32", "bfloat16"]
 LrDecay = Literal["none", "linear", "cosine"]
@@ -37,9 +37,9 @@ TARGET_L0_ACTIVATIONS = tuple(name for name, cls in ARCHITECTURES.items() if cls
 
 
 @dataclass
-class TrainConfig:
-    """A training run: the store it reads (or the model it runs), the SAE it trains, the optimizer, and what
-    it writes."""
+class TrainConfig(SAEOptions):
+    """A training run: the store it reads (or the model it runs), the SAE it trains (the SAEOptions fields,
+    declared in sae/config.py; the width comes from the data), the optimizer, and what it writes."""
 
     output_dir: str
     """Where the run writes metrics.jsonl, checkpoints/, sae.safetensors, sae_config.json, saelens/,
@@ -86,29 +86,10 @@ class TrainConfig:
     are held (one drawn from, one filling), on the GPU when they fit in a quarter of its free memory, else
     in pinned host memory. With --data_dir: read the store in this order (store order, buffers permuted)
     instead of the cross-shard shuffle, one pass: the batches a --model run with the same seed draws."""
-    d_sae: int = 16384
-    """Number of latents of the SAE."""
-    l1_coeff: float = 5e-3
-    """Weight of the L1 penalty sum_i f_i ||W_dec[i]|| (relu; the others report it only). With --target_l0,
-    where the coefficient starts."""
-    l0_coeff: float = 1e-3
-    """Weight of jumprelu's L0 penalty l0_coeff * mean_tokens sum_i H(pre_i - theta_i) (in units of the mse).
-    With --target_l0, where the coefficient starts."""
     target_l0: float | None = None
     """relu, jumprelu: steer the sparsity coefficient (l1_coeff, l0_coeff) so that the L0 (active latents per
     token) reaches this value (a controller in log space, sae/sparsity_control.py); jumprelu without --k
     also starts its thresholds at this L0. None: the coefficient stays fixed."""
-    aux_k_coeff: float = 1 / 32
-    """Weight of the AuxK loss (topk, batchtopk): the dead latents' top d_in/2 pre-activations reconstruct
-    the residual, reviving them (sae/architectures/auxk.py). 0 turns it off."""
-    jumprelu_bandwidth: float = 0.1
-    """jumprelu: the straight-through estimator's kernel width, as a fraction of the thresholds' start."""
-    jumprelu_start_batches: int = 50
-    """jumprelu: train the first this-many steps as BatchTopK (L0 = k) while the encoder's scale settles; the
-    thresholds start at the last one's threshold at L0 = k."""
-    jumprelu_ste_to_input: bool = True
-    """jumprelu: the straight-through estimator also reaches the pre-activations (Anthropic's variant);
-    false: DeepMind's (thresholds only), whose L0 drifts down whatever the penalty in short runs."""
     lr: float | None = None
     """Peak Adam learning rate. Not given: 2e-4 / sqrt(d_sae / 2^14) (3.77e-4 at d_sae 4608, 2e-4 at 16384),
     written resolved into train_config.json."""
@@ -124,18 +105,6 @@ class TrainConfig:
     """Global batch in tokens (all ranks together); must divide by the number of ranks."""
     epochs: int = 1
     """Passes over the chosen shards (each with its own shuffle). --max_steps can stop earlier."""
-    normalize_activations: Normalization = "expected_average_only_in"
-    """Input normalization of the SAE: `expected_average_only_in` (center by the mean estimated before
-    step 0), `layer_norm` (per token), `none`."""
-    apply_b_dec_to_input: bool = False
-    """Subtract b_dec from the normalized input before the encoder."""
-    activation: Activation = "relu"
-    """`relu` (sparsity from the L1 penalty), `topk` (k active latents per token at most), `batchtopk` (k per
-    token on average over a batch in training, a learned threshold at inference), `jumprelu` (learned
-    per-latent thresholds and an L0 penalty)."""
-    k: int | None = None
-    """topk: active latents per token; batchtopk: the same on average; jumprelu: the L0 its thresholds start
-    at (default: --target_l0); must be unset for relu."""
     backend: Backend = "auto"
     """SAE compute backend (see SparseAutoencoder): `auto` picks the fastest one available."""
     dtype: Dtype = "auto"
@@ -163,10 +132,6 @@ class TrainConfig:
     """Also log the metrics to Weights & Biases (imported only when set)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    dead_window: int = 1_000_000
-    """A latent is dead once it has not fired on any rank for this many tokens (AuxK's candidates, the
-    logged dead_fraction); also the window over which saelens/sparsity.safetensors measures feature
-    density."""
     shuffle_buffer: int = 262_144
     """Rows shuffled together: chunks of consecutive rows from random places in all shards fill a
     buffer of this many rows, which is permuted. Bigger mixes more; costs no memory (rows are read lazily)."""
@@ -182,8 +147,13 @@ class TrainConfig:
     row). Off: such a row stops the run with an error naming its shard, row and step."""
 
     def __post_init__(self) -> None:
-        for name in ("d_sae", "batch_size", "epochs", "log_every", "shuffle_buffer", "stats_tokens",
-                     "keep_checkpoints", "prefetch", "dead_window"):
+        target = self.target_l0
+        if self.activation == "jumprelu" and self.k is None and isinstance(target, int | float) \
+                and not isinstance(target, bool) and target > 0:
+            self.k = max(1, round(target))  # the thresholds start at the target L0
+        super().__post_init__()  # the SAE's options (SAEOptions), then the run's
+        for name in ("batch_size", "epochs", "log_every", "shuffle_buffer", "stats_tokens",
+                     "keep_checkpoints", "prefetch"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("lr_warmup_steps", "l1_warmup_steps", "checkpoint_every", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -191,8 +161,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=0 if name == "target_layer" else 1)
         self._check_source()
-        choices = {"normalize_activations": NORMALIZATIONS, "activation": ACTIVATION_NAMES,
-                   "backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS, "hook_point": HOOK_POINTS,
+        choices = {"backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS, "hook_point": HOOK_POINTS,
                    "model_dtype": MODEL_DTYPES, "encoder_init": ENCODER_INITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -216,8 +185,6 @@ class TrainConfig:
                                  "(topk and batchtopk set their L0 with --k)")
         if not (self.max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping); got {self.max_grad_norm!r}")
-        # l1_coeff, l0_coeff, aux_k_coeff, jumprelu_bandwidth and k are checked by SAEConfig, which the
-        # trainer builds before reading any data.
 
     def _check_source(self) -> None:
         """Exactly one data source: a store (--data_dir) or the model (--model) with what it needs."""
@@ -248,14 +215,17 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
-    """The docstring under each field of a dataclass (for --help), read from its source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    """The docstring under each field of a dataclass and of its dataclass bases (for --help), read from
+    their source."""
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value,
-                                                                                          ast.Constant):
-            docs[node.target.id] = " ".join(str(after.value.value).split())
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(
+                    after.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
     return docs
 
 

@@ -147,6 +147,6 @@ def test_trainer_warms_up_only_a_sparsity_term_in_the_loss(activation, k):
 
 def test_config_validation_is_the_architectures():
     with pytest.raises(ValueError, match=r"activation='topk' needs k, an int in \[1, d_sae=16\]"):
-        SAEConfig(8, 16, activation="topk")
+        SAEConfig(8, d_sae=16, activation="topk")
     with pytest.raises(ValueError, match=r"k=3 is not used with activation='relu'"):
-        SAEConfig(8, 16, k=3)
+        SAEConfig(8, d_sae=16, k=3)
