@@ -19,7 +19,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import EvalStore, open_store
+from saetron.collect.store import ActivationStore
+
+from .store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +80,12 @@ def trained_on(sae_dir: str | Path) -> TrainedOn:
     return out
 
 
-def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: EvalStore,
+def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: ActivationStore,
                 allow_mismatch: bool) -> list[str]:
     """Raise ValueError if the store cannot be the SAE's input; returns the warnings (allow_mismatch)."""
     m = store.manifest
     if d_in != store.d_model:
-        raise ValueError(f"the SAE {sae_dir} reads d_in={d_in} activations but the store {store.data_dir} "
+        raise ValueError(f"the SAE {sae_dir} reads d_in={d_in} activations but the store {store.folder} "
                          f"holds d_model={store.d_model} (model {m.get('model')!r}, layer "
                          f"{m.get('target_layer')}): evaluate it on a store of its own model and layer")
     warnings = []
@@ -92,7 +94,7 @@ def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: EvalStore,
         got = m.get(key)
         if want is None or got is None or got == want:
             continue
-        line = (f"the SAE {sae_dir} was trained on {key}={want!r} but the store {store.data_dir} holds "
+        line = (f"the SAE {sae_dir} was trained on {key}={want!r} but the store {store.folder} holds "
                 f"{key}={got!r}")
         if not allow_mismatch:
             raise ValueError(f"{line}: evaluate it on a store of its own {key}, or pass --allow_mismatch")
@@ -101,7 +103,7 @@ def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: EvalStore,
     return warnings
 
 
-def held_out(trained: TrainedOn, store: EvalStore, rows: int) -> dict:
+def held_out(trained: TrainedOn, store: ActivationStore, rows: int) -> dict:
     """{"held_out": True/False/None, "why": a sentence} for the first `rows` rows of the chosen shards."""
     if trained.data_dir is None:
         return {"held_out": None, "why": "the SAE's folder names no training store (no train_config.json)"}
@@ -109,7 +111,7 @@ def held_out(trained: TrainedOn, store: EvalStore, rows: int) -> dict:
         return {"held_out": None, "why": f"the SAE's training store {trained.data_dir!r} is not readable"}
     m, t = store.manifest, trained.manifest
     first = sum(int(s["tokens"]) for s in m["shards"][: store.first_shard])  # the stream's row of our row 0
-    same_store = os.path.realpath(store.data_dir) == os.path.realpath(trained.data_dir)
+    same_store = os.path.realpath(store.folder) == os.path.realpath(trained.data_dir)
     if same_store or all(m.get(k) == t.get(k) for k in STREAM_KEYS):
         where = "the SAE's own store" if same_store else "a store of the SAE's text stream"
         if first >= trained.tokens:
