@@ -1,6 +1,7 @@
 """What an SAE was trained on, whether a store fits it, and whether its rows are held out.
 
-The trainer's --output_dir holds `train_config.json` (data_dir, num_shards, target_layer, d_model) and
+The trainer's --output_dir holds `train_config.json` (data_dir, train_shards: the first shards it trained
+on, the held-out slice following them; num_shards; target_layer, d_model) and
 `saelens/cfg.json` (metadata.model_name = the store's model, metadata.hook_name =
 `blocks.L.hook_POINT`); when the training store is still at data_dir, its manifest gives the rest
 (dataset, split, context size, special-token policy, where its text ended: `stream_state`).
@@ -40,7 +41,7 @@ class TrainedOn:
     manifest: dict | None = None
     """The training store's manifest, when still readable at data_dir."""
     tokens: int | None = None
-    """Rows of the training store the SAE read (its first num_shards shards)."""
+    """Rows of the training store the SAE read (its first train_shards shards)."""
 
     def to_dict(self) -> dict:
         return {"model": self.model, "target_layer": self.target_layer, "hook_point": self.hook_point,
@@ -69,7 +70,7 @@ def trained_on(sae_dir: str | Path) -> TrainedOn:
     out.data_dir = train.get("data_dir")
     if out.data_dir:
         try:
-            store = open_store(out.data_dir, 0, train.get("num_shards"))
+            store = open_store(out.data_dir, 0, train.get("train_shards") or train.get("num_shards"))
         except ValueError as error:
             logger.info("the SAE's training store %s is not readable (%s): held-out status unknown",
                         out.data_dir, error)

@@ -49,6 +49,11 @@ class TrainConfig:
     --model instead: training straight from the model."""
     num_shards: int | None = None
     """Read only the first N shards of the store; None reads all of them."""
+    eval_tokens: int | None = None
+    """Held out from training and evaluated at the end (saetron.eval's figures in the final log line and in
+    eval.json): the last whole shards of the chosen ones holding at least this many tokens (an error if
+    none would be left to train on). None: min(5% of the chosen tokens, 2^20), if those shards hold at
+    most a quarter of them (else none, logged). 0: no held-out slice. --model: 0 or None (no slice)."""
     target_layer: int | None = None
     """Expected hooked layer; checked against the manifest (a mismatch is an error). None: the manifest's.
     With --model: the layer to hook."""
@@ -187,9 +192,10 @@ class TrainConfig:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("lr_warmup_steps", "l1_warmup_steps", "checkpoint_every", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
-        for name in ("num_shards", "target_layer", "d_model", "max_steps", "buffer_tokens"):
+        for name in ("num_shards", "target_layer", "d_model", "max_steps", "buffer_tokens", "eval_tokens"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=0 if name == "target_layer" else 1)
+                minimum = 0 if name in ("target_layer", "eval_tokens") else 1
+                _check_int(name, getattr(self, name), minimum=minimum)
         self._check_source()
         choices = {"normalize_activations": NORMALIZATIONS, "activation": ACTIVATION_NAMES,
                    "backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS, "hook_point": HOOK_POINTS,
@@ -234,6 +240,10 @@ class TrainConfig:
                 _check_int(name, getattr(self, name), minimum=2 if name == "context_size" else 1)
             if self.num_shards is not None:
                 raise ValueError("--num_shards reads part of a store; --model has none: drop it")
+            if self.eval_tokens:
+                raise ValueError(f"--eval_tokens {self.eval_tokens} holds out the last shards of a store; "
+                                 "--model has none: drop it (or --eval_tokens 0) and evaluate with "
+                                 "`python -m saetron.eval` on a store collected after the training text")
         elif self.buffer_tokens is not None and self.epochs != 1:
             raise ValueError(f"--epochs {self.epochs}: --buffer_tokens reads the store once, in the order a "
                              "--model run draws; drop --buffer_tokens for epochs of the cross-shard shuffle")
