@@ -454,7 +454,10 @@ def main(argv: list[str] | None = None) -> dict:
         store, held, note = split_store(cfg, open_store(cfg, logger))
     if cfg.model is not None:
         resolve_model(cfg.model)  # a mistyped path or a missing wheel: said before the model loads
-    planned_steps(cfg, store, world_size)  # the global batch against the ranks and the store
+    try:
+        planned_steps(cfg, store, world_size)  # the global batch against the ranks and the store
+    except ValueError as error:
+        raise ValueError(f"{error} ({note})" if held is not None else str(error)) from None
     last = finished_run(cfg, store, world_size)
     if last is not None:
         logger.info("%s holds this run, finished at step %d and exported: nothing to do", cfg.output_dir,

@@ -80,6 +80,8 @@ def test_slice_sizes(stores, tmp_path):
     assert count3 == 0 and "over a quarter of the store" in why
     with pytest.raises(ValueError, match="are all 5 chosen shards .2300 tokens., leaving none to train on"):
         count(eval_tokens=1801)
+    with pytest.raises(ValueError, match=r"exceeds the 2000 tokens .* \(held out from training: shards 4..4"):
+        train_in_process(full, tmp_path / "big", *FLAGS, "--batch_size", "2100")
     with pytest.raises(ValueError, match="--model has none"):
         TrainConfig(output_dir="o", model="m", target_layer=1, max_steps=2, eval_tokens=10)
 
