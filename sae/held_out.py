@@ -10,6 +10,11 @@ shuffle are those of that shorter store; the slice is a pure function of the sto
 resume holds out the same shards. Whole shards, because a shard ends at a batch end (no context window
 spans two) and `python -m saetron.eval --first_shard n-m` reads exactly the same rows.
 
+Training from the model (--model, sae/live.py) holds out the start of the text instead: the first forward
+batches of each rank's text holding at least ceil(N / W) rows, N = --eval_tokens or by default
+min(5% of the planned tokens, 2^16) (`live_eval_tokens`); training's stream starts after them, and rank
+0 evaluates its own held rows once the SAE is exported (before the group's shutdown).
+
 The evaluation (rank 0, after training and the export, once the process group is gone): the exported SAE
 over every row of the slice, with saetron.eval's definitions (`evaluate`: pooled explained variance, over
 all rows and over rows under 10x the slice's median norm, per-token FVU quantiles, L0, dead fraction over
@@ -35,6 +40,7 @@ logger = logging.getLogger(__name__)
 SHARE = 0.05  # the default slice: this share of the chosen tokens ...
 CAP = 1 << 20  # ... at most this many tokens ...
 MAX_SHARE = 0.25  # ... taken only when its whole shards hold at most this share
+LIVE_CAP = 1 << 16  # --model's default: 5% of the planned tokens, at most this many rows (held in memory)
 EVAL_JSON = "eval.json"
 ROWS_PER_FORWARD = 4096  # rows of the slice per SAE forward
 
@@ -67,6 +73,14 @@ def held_out_count(cfg: TrainConfig, store: ActivationStore) -> tuple[int, str]:
     return count, ""
 
 
+def live_eval_tokens(cfg: TrainConfig) -> int:
+    """--model: the rows held out from the start of the text, all ranks together: --eval_tokens, or by
+    default min(5% of the planned tokens (--max_steps x --batch_size), 2^16)."""
+    if cfg.eval_tokens is not None:
+        return cfg.eval_tokens
+    return min(math.ceil(SHARE * cfg.max_steps * cfg.batch_size), LIVE_CAP)
+
+
 def split_store(cfg: TrainConfig,
                 store: ActivationStore) -> tuple[ActivationStore, ActivationStore | None, str]:
     """cfg's chosen shards -> (the training shards, the held-out shards or None, a note for the log)."""
@@ -91,34 +105,46 @@ def evaluate_held_out(out_dir: str | Path, held: ActivationStore, backend: str =
     """The exported SAE in out_dir over every row of `held`: saetron.eval's figures, also written to
     out_dir/eval.json (with the slice's shards and the definitions). An eval.json newer than the SAE, of
     the same shards, is read instead."""
-    from saetron.eval.run import DEFINITIONS, evaluate
-    from saetron.eval.store import store_batches
+    from saetron.eval.store import shard_range, store_batches
 
     from .model import SparseAutoencoder
 
     out_dir = Path(out_dir)
-    path, weights = out_dir / EVAL_JSON, out_dir / "sae.safetensors"
-    where = {"data_dir": str(held.folder), "first_shard": held.first_shard, "shards": held.shard_files}
+    where = {"what": f"shards {shard_range(held)}", "data_dir": str(held.folder),
+             "first_shard": held.first_shard, "shards": held.shard_files}
+    earlier = read_eval_json(out_dir)
+    if earlier is not None and earlier.get("held_out") == where:
+        return earlier
+    sae = SparseAutoencoder.load(out_dir, device=eval_device(), backend=backend)
+    return evaluate_rows(out_dir, sae, store_batches(held, ROWS_PER_FORWARD), where)
+
+
+def evaluate_rows(out_dir: Path, sae, batches, where: dict) -> dict:
+    """saetron.eval's figures of `sae` over `batches()` (rows [n, d_in]), with `where` (what the rows are)
+    and the definitions, written to out_dir/eval.json."""
+    from saetron.eval.run import DEFINITIONS, evaluate
+
+    result = {**evaluate(sae, batches), "held_out": where, "sae": str(out_dir), "definitions": DEFINITIONS}
+    (Path(out_dir) / EVAL_JSON).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def read_eval_json(out_dir: str | Path) -> dict | None:
+    """out_dir/eval.json when it is newer than the SAE it evaluated, else None."""
+    path = Path(out_dir) / EVAL_JSON
     try:
-        earlier = json.loads(path.read_text())
-        if path.stat().st_mtime >= weights.stat().st_mtime and earlier.get("held_out") == where:
-            return earlier
+        if path.stat().st_mtime >= (Path(out_dir) / "sae.safetensors").stat().st_mtime:
+            return json.loads(path.read_text())
     except (OSError, ValueError):
         pass
-    sae = SparseAutoencoder.load(out_dir, device=eval_device(), backend=backend)
-    figures = evaluate(sae, store_batches(held, ROWS_PER_FORWARD))
-    result = {**figures, "held_out": where, "sae": str(out_dir), "definitions": DEFINITIONS}
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return None
 
 
 def final_line(last: dict, held: dict | None, out_dir: str) -> str:
     """The trainer's last log line: the held-out slice's figures (`held`, evaluate_held_out's) or, without
     a slice, the last metrics window of training (`last`)."""
     if held is not None:
-        shards = held["held_out"]["shards"]
-        first = held["held_out"]["first_shard"]
-        return (f"final | held out: shards {first}..{first + len(shards) - 1}, {held['tokens']:,} tokens | "
+        return (f"final | held out: {held['held_out']['what']}, {held['tokens']:,} tokens | "
                 f"explained variance {held['explained_variance']:.4f} | normal rows "
                 f"{held['explained_variance_typical']:.4f} | median fvu "
                 f"{held['fvu_per_token_quantiles']['0.5']:.4f} | l0 {held['l0']:.1f} | dead "

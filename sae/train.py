@@ -59,7 +59,7 @@ from .checkpoint import (
 )
 from .config import SAEConfig
 from .distributed import DistEnv, exit_process, init_distributed, shard_model, shutdown_distributed
-from .held_out import evaluate_held_out, final_line, split_store
+from .held_out import evaluate_held_out, evaluate_rows, final_line, read_eval_json, split_store
 from .init import init_transpose
 from .io import export_saelens
 from .metrics import Metrics, MetricsFile, format_line
@@ -272,7 +272,11 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
     if start_step == total_steps and env.is_main:
         logger.info("the checkpoint is at the last step (%d) already: exporting only", total_steps)
         last = metrics_file.last()
-    export(model, sae_cfg, cfg, source.manifest, metrics, total_steps, out_dir, env)
+    sae = export(model, sae_cfg, cfg, source.manifest, metrics, total_steps, out_dir, env)
+    held = getattr(source, "held", None)  # live training's held-out rows (a store's: main evaluates them)
+    if held and env.is_main and last:
+        where = {"what": f"the first {sum(map(len, held))} rows of {source.stream_name()}"}
+        last = {**last, "held_out": evaluate_rows(out_dir, sae.to(env.device), lambda: iter(held), where)}
     if run is not None:
         run.finish()
     return last
@@ -331,12 +335,13 @@ def resume(ckpt: Path, cfg: TrainConfig, source, model, optimizer, metrics: Metr
 
 
 def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, manifest: dict, metrics: Metrics,
-           total_steps: int, out_dir: Path, env: DistEnv) -> None:
-    """Collective: gather the full SAE on rank 0 and write the native format and the SAELens export."""
+           total_steps: int, out_dir: Path, env: DistEnv) -> SparseAutoencoder | None:
+    """Collective: gather the full SAE on rank 0 and write the native format and the SAELens export;
+    returns the full SAE (CPU) on rank 0, None on the others."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     log_density = metrics.log_density(total_steps)
     if not env.is_main:
-        return
+        return None
     sae = SparseAutoencoder.from_config(sae_cfg)
     sae.load_state_dict(full)
     sae.save(out_dir)
@@ -348,6 +353,7 @@ def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, manifest: dict, metrics:
     sparsity = Path(saelens_dir) / "sparsity.safetensors"
     save_file({"sparsity": log_density}, sparsity)
     sparsity.chmod(0o644)  # safetensors creates files 0600
+    return sae
 
 
 def prepare_output_dir(path: Path, env: DistEnv) -> Path:
@@ -471,10 +477,12 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             shutdown_distributed(env, completed)
     if rank == 0 and last:
-        figures = evaluate_held_out(cfg.output_dir, held, cfg.backend) if held is not None else None
-        logger.info("%s", final_line(last, figures, cfg.output_dir))
-        if figures is not None:
-            last = {**last, "held_out": figures}
+        if held is not None:  # a store's held-out shards
+            last = {**last, "held_out": evaluate_held_out(cfg.output_dir, held, cfg.backend)}
+        elif cfg.model is not None and cfg.eval_tokens != 0 and "held_out" not in last:  # finished, live
+            figures = read_eval_json(cfg.output_dir)
+            last = {**last, "held_out": figures} if figures is not None else last
+        logger.info("%s", final_line(last, last.get("held_out"), cfg.output_dir))
     return last
 
 

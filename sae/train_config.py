@@ -53,7 +53,9 @@ class TrainConfig:
     """Held out from training and evaluated at the end (saetron.eval's figures in the final log line and in
     eval.json): the last whole shards of the chosen ones holding at least this many tokens (an error if
     none would be left to train on). None: min(5% of the chosen tokens, 2^20), if those shards hold at
-    most a quarter of them (else none, logged). 0: no held-out slice. --model: 0 or None (no slice)."""
+    most a quarter of them (else none, logged). 0: no held-out slice. --model: the first forward batches
+    of each rank's text holding at least N / ranks rows, training starting after them (rank 0 evaluates
+    its own); None: min(5% of --max_steps x --batch_size, 2^16)."""
     target_layer: int | None = None
     """Expected hooked layer; checked against the manifest (a mismatch is an error). None: the manifest's.
     With --model: the layer to hook."""
@@ -240,10 +242,6 @@ class TrainConfig:
                 _check_int(name, getattr(self, name), minimum=2 if name == "context_size" else 1)
             if self.num_shards is not None:
                 raise ValueError("--num_shards reads part of a store; --model has none: drop it")
-            if self.eval_tokens:
-                raise ValueError(f"--eval_tokens {self.eval_tokens} holds out the last shards of a store; "
-                                 "--model has none: drop it (or --eval_tokens 0) and evaluate with "
-                                 "`python -m saetron.eval` on a store collected after the training text")
         elif self.buffer_tokens is not None and self.epochs != 1:
             raise ValueError(f"--epochs {self.epochs}: --buffer_tokens reads the store once, in the order a "
                              "--model run draws; drop --buffer_tokens for epochs of the cross-shard shuffle")

@@ -65,7 +65,7 @@ def test_the_slice_is_excluded_exactly_and_evaluated(stores, tmp_path, caplog):
 def test_slice_sizes(stores, tmp_path):
     full, first4 = stores
     from saetron.collect.store import ActivationStore
-    from saetron.sae.held_out import held_out_count
+    from saetron.sae.held_out import held_out_count, live_eval_tokens
 
     store = ActivationStore(full)
 
@@ -80,10 +80,12 @@ def test_slice_sizes(stores, tmp_path):
     assert count3 == 0 and "over a quarter of the store" in why
     with pytest.raises(ValueError, match="are all 5 chosen shards .2300 tokens., leaving none to train on"):
         count(eval_tokens=1801)
+    live = {"output_dir": "o", "model": "m", "target_layer": 1, "batch_size": 64}
+    assert live_eval_tokens(TrainConfig(**live, max_steps=12)) == 39  # 5% of 768, rounded up
+    assert live_eval_tokens(TrainConfig(**live, max_steps=10**6)) == 1 << 16
+    assert live_eval_tokens(TrainConfig(**live, max_steps=12, eval_tokens=0)) == 0
     with pytest.raises(ValueError, match=r"exceeds the 2000 tokens .* \(held out from training: shards 4..4"):
         train_in_process(full, tmp_path / "big", *FLAGS, "--batch_size", "2100")
-    with pytest.raises(ValueError, match="--model has none"):
-        TrainConfig(output_dir="o", model="m", target_layer=1, max_steps=2, eval_tokens=10)
 
 
 def test_two_ranks_evaluate_on_rank_0_after_the_group_is_gone(stores, tmp_path):
