@@ -148,9 +148,9 @@ class LiveSource(_Buffered):
     """Batches straight from the model (--model): this rank's forwards over its text shard, buffered.
 
     Held out (N = held_out.live_eval_tokens: --eval_tokens or its default): the first forward batches of
-    each rank's text shard holding at least ceil(N / W) rows are kept aside (`held`: float32 rows on the
-    CPU) and training's stream starts at the forward batch after them (`start`), so no held row is
-    trained on; rank 0 evaluates its own held rows at the end. A resume runs those forwards again (the
+    each rank's text shard holding at least ceil(N / W) rows are left out of training, whose stream starts
+    at the forward batch after them (`start`); rank 0 keeps its own (`held`: float32 rows on the CPU) and
+    evaluates them at the end. A resume runs those forwards again (the
     text and the model are the same).
     """
 
@@ -177,7 +177,8 @@ class LiveSource(_Buffered):
             for x, position in chunks:
                 if got >= rows:
                     return held, position
-                held.append(x.float().cpu())
+                if self.env.is_main:  # rank 0 evaluates them; the other ranks only skip theirs
+                    held.append(x.float().cpu())
                 got += len(x)
         finally:
             chunks.close()

@@ -16,8 +16,9 @@ the statistics pass (activation mean, median row norm: row_stats.py) and the enc
 Each step: the row filters (filter_rows: NaN/Inf rows, --max_norm_ratio outliers), forward, loss (with
 the L1 warm-up), backward, then SAEAdam (sae/optim.py): decoder-gradient projection, global gradient
 clipping, a NaN/Inf check (before the optimizer touches the weights), Adam, decoder renormalization.
-After the export, with the group gone, rank 0 evaluates the SAE on the held-out slice (--eval_tokens: the
-store's last shards, never trained on; held_out.py) and logs the final line with those figures.
+After the export rank 0 evaluates the SAE on the held-out rows (--eval_tokens, held_out.py: a store's last
+shards, once the group is gone; with --model the text's first forward batches) and logs the final line
+with those figures.
 Outputs in --output_dir: metrics.jsonl, checkpoints/, train_config.json, sae.safetensors +
 sae_config.json, saelens/ (cfg.json, sae_weights.safetensors, sparsity.safetensors), eval.json (the
 held-out figures). Exit status: 0, 2 for an error you can fix (one line on stderr), 1 for a bug.
