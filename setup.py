@@ -44,7 +44,7 @@ setup(
         "console_scripts": [
             "saetron-collect=saetron.collect.__main__:cli",
             "saetron-train=saetron.sae.train:cli",
-            "saetron-eval=saetron.eval.__main__:main",
+            "saetron-eval=saetron.eval.__main__:cli",
         ],
     },
 )

@@ -1,8 +1,10 @@
 """The activation store: writing a shard while its rows arrive, and the reader every program shares.
 
 One module for every program that touches a store: the collector writes it (writer.py through ShardFile),
-the trainer reads it (sae/data.py), an evaluation opens it with `ActivationStore(folder)` and reads rows
-in order with `iter_rows` (activations, token_ids, positions) or by global row id with `gather`. The
+the trainer reads it (sae/data.py), the evaluation (saetron.eval) opens a range of its shards with
+`ActivationStore(folder, num_shards, first_shard=...)` and reads rows in order with `iter_rows`
+(activations, token_ids, positions), a span of rows with `read`, a row's context window with `window_of`,
+or rows by global row id with `gather`. The
 format (manifest schema, shard layout, checks) is defined in store_format.py and re-exported here:
 import every store name from this module.
 
@@ -210,9 +212,9 @@ def orphan_shards(folder: str | Path, manifest: dict) -> list[str]:
 
 @dataclass
 class Rows:
-    """Consecutive rows of one shard: activations [n, d_model] (the store's dtype; float32 decoded rows for a
-    float8 store), token_ids [n] and positions [n] int32; `shard` is the shard's index, `start` the first
-    row's index in it."""
+    """Consecutive rows: activations [n, d_model] (the store's dtype; float32 decoded rows for a float8
+    store), token_ids [n] and positions [n] int32; `shard` is the first row's shard (its number in the
+    store, from 0), `start` the first row's index in that shard."""
 
     activations: torch.Tensor
     token_ids: torch.Tensor
@@ -257,37 +259,46 @@ class Shard:
 
 
 class ActivationStore:
-    """A store's first `num_shards` shards (all: None), each checked against the manifest, memory-mapped.
+    """Shards [first_shard, first_shard + num_shards) of a store (num_shards None: all from first_shard on),
+    each checked against the manifest, memory-mapped.
 
     `expect`: manifest fields the caller requires (e.g. {"target_layer": 15}); a mismatch is an error
-    naming the flag `--field`. Global row r is row r - starts[s] of shard s, starts[s] <= r < starts[s+1].
-    `dtype` is the dtype of the rows the reader returns: the stored one, or `decode_dtype` for a float8
-    store (`stored_dtype` is then float8_e4m3fn and `scaled` is True).
+    naming the flag `--field`. Global row r (counted from the first chosen shard's first row) is row
+    r - starts[s] of self.shards[s], starts[s] <= r < starts[s+1]. `dtype` is the dtype of the rows the
+    reader returns: the stored one, or `decode_dtype` for a float8 store (`stored_dtype` is then
+    float8_e4m3fn and `scaled` is True).
     """
 
     def __init__(self, folder: str | Path, num_shards: int | None = None, expect: dict | None = None,
-                 decode_dtype: torch.dtype = torch.float32) -> None:
+                 decode_dtype: torch.dtype = torch.float32, first_shard: int = 0) -> None:
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder)
         for name, value in (expect or {}).items():
             if value is not None and value != m[name]:
                 raise StoreError(f"--{name} {value} does not match the store's manifest {name} {m[name]} "
                                  f"({self.folder / MANIFEST}); fix --{name} or the store folder")
-        if not m["shards"]:
+        count = len(m["shards"])
+        if not count:
             raise StoreError(f"{self.folder / MANIFEST} lists no shards: the collection wrote nothing yet; "
                              "let it write its first shard")
-        if num_shards is not None and num_shards > len(m["shards"]):
-            raise StoreError(f"--num_shards {num_shards} but the store has {len(m['shards'])} shards; pass "
-                             f"at most {len(m['shards'])} (or omit it to read all)")
+        if not 0 <= first_shard < count:
+            raise StoreError(f"--first_shard {first_shard}: the store {str(self.folder)!r} has {count} "
+                             f"shards; pick 0..{count - 1}")
+        if num_shards is not None and not 1 <= num_shards <= count - first_shard:
+            start = f" from --first_shard {first_shard}" if first_shard else ""
+            raise StoreError(f"--num_shards {num_shards}{start} but the store has {count} shards; pass "
+                             f"1..{count - first_shard} (or omit it to read all)")
         self.d_model = m["d_model"]
+        self.first_shard = first_shard
         self.shards: list[Shard] = []
-        for i in range(num_shards or len(m["shards"])):
+        for i in range(first_shard, count if num_shards is None else first_shard + num_shards):
             try:
                 offset, header = check_shard(self.folder, m, i)
             except StoreError as e:
+                other = f"read only the first {i} shards (--num_shards {i})" if i else "collect it again"
                 raise StoreError(f"{e}; repair the store with `python -m saetron.collect --repair "
-                                 f"{self.folder}` (it keeps the shards before this one), or read only the "
-                                 f"first {i} shards (--num_shards {i})") from None
+                                 f"{self.folder}` (it keeps the shards before this one), or "
+                                 f"{other}") from None
             self.shards.append(Shard(self.folder / m["shards"][i]["file"], m["shards"][i]["tokens"],
                                      self.d_model, offset, header))
         self.stored_dtype = self.shards[0].dtype
@@ -329,8 +340,49 @@ class ActivationStore:
         assert self.scaled, "gather_encoded reads float8 stores"
         self._gather(rows, codes.numpy(), scales.numpy())
 
-    def iter_rows(self, rows_per_read: int = 65536) -> Iterator[Rows]:
-        """Every row in store order, at most `rows_per_read` rows at a time, never across shards."""
-        for index, shard in enumerate(self.shards):
-            for start in range(0, shard.tokens, rows_per_read):
-                yield shard.rows(start, min(start + rows_per_read, shard.tokens), index)
+    @property
+    def shard_files(self) -> list[str]:
+        """The chosen shards' file names, in order."""
+        return [shard.path.name for shard in self.shards]
+
+    def iter_rows(self, rows_per_read: int = 65536, stop: int | None = None) -> Iterator[Rows]:
+        """Rows [0, stop) in store order (stop None: every row), at most `rows_per_read` rows at a time,
+        never across shards."""
+        stop = self.total_tokens if stop is None else min(stop, self.total_tokens)
+        for s, shard in enumerate(self.shards):
+            end = min(shard.tokens, stop - int(self.starts[s]))
+            for start in range(0, end, rows_per_read):
+                yield shard.rows(start, min(start + rows_per_read, end), self.first_shard + s)
+
+    def read(self, start: int, stop: int) -> Rows:
+        """Global rows [start, stop) (0 <= start < stop <= total_tokens), which may span shards."""
+        assert 0 <= start < stop <= self.total_tokens, f"rows [{start}, {stop}) of {self.total_tokens}"
+        parts = []
+        for s, shard in enumerate(self.shards):
+            lo, hi = max(start, int(self.starts[s])), min(stop, int(self.starts[s + 1]))
+            if lo < hi:
+                first = int(self.starts[s])
+                parts.append(shard.rows(lo - first, hi - first, self.first_shard + s))
+        if len(parts) == 1:
+            return parts[0]
+        return Rows(*(torch.cat([getattr(p, name) for p in parts])
+                      for name in ("activations", "token_ids", "positions")), parts[0].shard, parts[0].start)
+
+    def window_of(self, row: int) -> tuple[int, int]:
+        """The global rows [lo, hi) of the context window holding global `row`: the run of rows around it
+        whose positions increase. The collector keeps a window's rows consecutively with strictly
+        increasing positions, the next window starts at a position not above the last one's, and a
+        window never spans two shards. Reads at most 2 * context_size positions (a window holds at most
+        context_size rows)."""
+        shard, local = self.locate(row)
+        span = int(self.manifest.get("context_size") or 4096)
+        first = max(0, local - span)
+        positions = np.asarray(shard.positions[first:min(shard.tokens, local + span)])
+        lo = hi = local - first
+        hi += 1
+        while lo > 0 and positions[lo - 1] < positions[lo]:
+            lo -= 1
+        while hi < len(positions) and positions[hi] > positions[hi - 1]:
+            hi += 1
+        base = row - local + first  # global id of positions[0]
+        return base + lo, base + hi

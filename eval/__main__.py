@@ -7,7 +7,9 @@ the LM's loss with the SAE spliced in (CE loss recovered, KL), plus with --repor
 Tiny CPU run, reconstruction only:
     python -m saetron.eval --sae runs/pilot/sae --data_dir runs/pilot/heldout --max_tokens 4096 \
         --output_dir runs/pilot/eval_small
-Writes metrics.json, density.png, l0_hist.png (and report/index.html) in --output_dir.
+Writes metrics.json, density.png, l0_hist.png (and report/index.html) in --output_dir. Exit status: 0, 2
+for an error you can fix (a bad flag, an SAE that does not fit the store, a missing, foreign or empty
+store: one line on stderr), 1 for a bug (its traceback).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ import logging
 import types
 import typing
 
+from saetron.collect.cli import exit_status
+
 from .config import EvalConfig
+
+PROG = "saetron-eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from saetron.sae.train_config import field_docs
 
-    parser = argparse.ArgumentParser(prog="saetron-eval", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     docs, hints = field_docs(EvalConfig), typing.get_type_hints(EvalConfig)
     for name, field in EvalConfig.__dataclass_fields__.items():
@@ -57,14 +63,13 @@ def _or_none(kind):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse argv, evaluate, print the summary; returns the metrics. Errors propagate (`cli` turns them
+    into an exit status)."""
     args = vars(build_parser().parse_args(argv))
     logging.basicConfig(level=args.pop("log_level").upper(), format="%(asctime)s %(name)s: %(message)s")
     from .run import format_summary, run
 
-    try:
-        result = run(EvalConfig(**args))
-    except ValueError as error:  # a bad input: one line, no traceback
-        raise SystemExit(f"saetron-eval: error: {error}") from error
+    result = run(EvalConfig(**args))
     print(format_summary(result))
     print(f"held out: {result['held_out']} ({result['why']})")
     print(f"outputs: {args['output_dir']}/metrics.json, density.png, l0_hist.png"
@@ -72,5 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The console entry point (`saetron-eval`, `python -m saetron.eval`): main(), then exit 0, 2 (an error
+    you can fix: one line on stderr, saetron.collect.cli) or 1 (a bug: its traceback)."""
+    try:
+        main(argv)
+    except BaseException as error:  # noqa: B036 - every way out gets its exit status
+        raise SystemExit(exit_status(error, PROG)) from None
+    raise SystemExit(0)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,6 +1,7 @@
 """What an SAE was trained on, whether a store fits it, and whether its rows are held out.
 
-The trainer's --output_dir holds `train_config.json` (data_dir, num_shards, target_layer, d_model) and
+The trainer's --output_dir holds `train_config.json` (data_dir, train_shards: the first shards it trained
+on, the held-out slice following them; num_shards; target_layer, d_model) and
 `saelens/cfg.json` (metadata.model_name = the store's model, metadata.hook_name =
 `blocks.L.hook_POINT`); when the training store is still at data_dir, its manifest gives the rest
 (dataset, split, context size, special-token policy, where its text ended: `stream_state`).
@@ -19,7 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import EvalStore, open_store
+from saetron.collect.store import ActivationStore
+
+from .store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class TrainedOn:
     manifest: dict | None = None
     """The training store's manifest, when still readable at data_dir."""
     tokens: int | None = None
-    """Rows of the training store the SAE read (its first num_shards shards)."""
+    """Rows of the training store the SAE read (its first train_shards shards)."""
 
     def to_dict(self) -> dict:
         return {"model": self.model, "target_layer": self.target_layer, "hook_point": self.hook_point,
@@ -67,7 +70,7 @@ def trained_on(sae_dir: str | Path) -> TrainedOn:
     out.data_dir = train.get("data_dir")
     if out.data_dir:
         try:
-            store = open_store(out.data_dir, 0, train.get("num_shards"))
+            store = open_store(out.data_dir, 0, train.get("train_shards") or train.get("num_shards"))
         except ValueError as error:
             logger.info("the SAE's training store %s is not readable (%s): held-out status unknown",
                         out.data_dir, error)
@@ -78,12 +81,12 @@ def trained_on(sae_dir: str | Path) -> TrainedOn:
     return out
 
 
-def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: EvalStore,
+def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: ActivationStore,
                 allow_mismatch: bool) -> list[str]:
     """Raise ValueError if the store cannot be the SAE's input; returns the warnings (allow_mismatch)."""
     m = store.manifest
     if d_in != store.d_model:
-        raise ValueError(f"the SAE {sae_dir} reads d_in={d_in} activations but the store {store.data_dir} "
+        raise ValueError(f"the SAE {sae_dir} reads d_in={d_in} activations but the store {store.folder} "
                          f"holds d_model={store.d_model} (model {m.get('model')!r}, layer "
                          f"{m.get('target_layer')}): evaluate it on a store of its own model and layer")
     warnings = []
@@ -92,7 +95,7 @@ def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: EvalStore,
         got = m.get(key)
         if want is None or got is None or got == want:
             continue
-        line = (f"the SAE {sae_dir} was trained on {key}={want!r} but the store {store.data_dir} holds "
+        line = (f"the SAE {sae_dir} was trained on {key}={want!r} but the store {store.folder} holds "
                 f"{key}={got!r}")
         if not allow_mismatch:
             raise ValueError(f"{line}: evaluate it on a store of its own {key}, or pass --allow_mismatch")
@@ -101,7 +104,7 @@ def check_store(d_in: int, sae_dir: str, trained: TrainedOn, store: EvalStore,
     return warnings
 
 
-def held_out(trained: TrainedOn, store: EvalStore, rows: int) -> dict:
+def held_out(trained: TrainedOn, store: ActivationStore, rows: int) -> dict:
     """{"held_out": True/False/None, "why": a sentence} for the first `rows` rows of the chosen shards."""
     if trained.data_dir is None:
         return {"held_out": None, "why": "the SAE's folder names no training store (no train_config.json)"}
@@ -109,7 +112,7 @@ def held_out(trained: TrainedOn, store: EvalStore, rows: int) -> dict:
         return {"held_out": None, "why": f"the SAE's training store {trained.data_dir!r} is not readable"}
     m, t = store.manifest, trained.manifest
     first = sum(int(s["tokens"]) for s in m["shards"][: store.first_shard])  # the stream's row of our row 0
-    same_store = os.path.realpath(store.data_dir) == os.path.realpath(trained.data_dir)
+    same_store = os.path.realpath(store.folder) == os.path.realpath(trained.data_dir)
     if same_store or all(m.get(k) == t.get(k) for k in STREAM_KEYS):
         where = "the SAE's own store" if same_store else "a store of the SAE's text stream"
         if first >= trained.tokens:

@@ -4,7 +4,7 @@ For the `report_top` most frequent latents and a seeded sample of `report_rare` 
 the live ones: density, max activation, the top-activating contexts from the store and, with a model,
 the logit effect of the decoder row.
 
-Contexts. The store keeps a window's rows consecutively with increasing positions (`EvalStore.window_of`
+Contexts. The store keeps a window's rows consecutively with increasing positions (`ActivationStore.window_of`
 finds a row's window), so a row's context is its neighbouring rows of the same window; positions the
 store left out (BOS, other special tokens) show as a gap mark. Tokens are decoded one by one with the
 store's tokenizer; each is shaded by the latent's activation on it (the SAE run on those rows), the
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saetron.collect.store import ActivationStore
 from saetron.kernels.sparse_code import SparseCode
 
 from .features import FeatureStats
-from .store import EvalStore
 
 GAP_MARK = "\u2502"  # a left-out (special) token between two shown ones
 LOGIT_TOKENS = 10
@@ -86,14 +86,14 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 
 @torch.no_grad()
-def build_examples(store: EvalStore, sae, latent: int, top: list[tuple[int, float]], tokenizer,
+def build_examples(store: ActivationStore, sae, latent: int, top: list[tuple[int, float]], tokenizer,
                    context: int) -> list[Example]:
     """The contexts of `top` [(row, activation)], with the latent's activation on every shown token."""
     spans = []
     for row, _ in top:
         lo, hi = store.window_of(row)
         spans.append((max(lo, row - context), min(hi, row + context + 1)))
-    chunks = [store.rows(lo, hi) for lo, hi in spans]
+    chunks = [store.read(lo, hi) for lo, hi in spans]
     x = torch.cat([c.activations for c in chunks]).to(sae.W_enc.device)  # [rows, d_in]
     values = _latent_column(sae(x)[1], latent).float().cpu().tolist()
     out, at = [], 0
@@ -235,7 +235,7 @@ class IdTokenizer:
         return "".join(f"#{i} " for i in ids)
 
 
-def write_report(path, sae, store: EvalStore, stats: FeatureStats, tokenizer, *, top: int, rare: int,
+def write_report(path, sae, store: ActivationStore, stats: FeatureStats, tokenizer, *, top: int, rare: int,
                  examples_context: int, seed: int, summary: list[tuple[str, str]], plots: dict[str, bytes],
                  unembed: Tensor | None = None, norm_weight: Tensor | None = None) -> None:
     """Select the latents, build their cards and write the page to `path` (its folder is created).

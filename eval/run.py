@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saetron.collect.store import ActivationStore
+
 from .config import EvalConfig
 from .features import FeatureStats
 from .metrics import ReconstructionMetrics, RowStats
 from .provenance import TrainedOn, check_store, held_out, trained_on
-from .store import EvalStore, open_store
+from .store import open_store, shard_range, store_batches
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +75,6 @@ def evaluate(sae, batches: Batches, *, outlier_factor: float = 10.0) -> dict:
     return evaluate_reconstruction(sae, batches, outlier_factor=outlier_factor)[0]
 
 
-def store_batches(store: EvalStore, batch_size: int, max_tokens: int | None) -> Batches:
-    return lambda: (chunk.activations for chunk in store.chunks(batch_size, max_tokens))
-
-
 def format_summary(m: dict) -> str:
     """One line: `eval | ev 0.7120 (typical 0.8010) | fvu 0.2880 | l0 32.0 | dead 12.30% | ...`."""
     line = (f"eval | ev {m['explained_variance']:.4f} (typical {m['explained_variance_typical']:.4f}) | "
@@ -92,7 +90,7 @@ def format_summary(m: dict) -> str:
 HELD_OUT_TEXT = "the SAE's training dataset, right after its training text (held out)"
 
 
-def _ce_text(cfg: EvalConfig, trained: TrainedOn, store: EvalStore) -> dict:
+def _ce_text(cfg: EvalConfig, trained: TrainedOn, store: ActivationStore) -> dict:
     """The text of the model-level metrics: dataset, split, text field, context size, stream start."""
     t, m = trained.manifest, store.manifest
     if cfg.dataset is None:
@@ -111,7 +109,7 @@ def _ce_text(cfg: EvalConfig, trained: TrainedOn, store: EvalStore) -> dict:
             "why": HELD_OUT_TEXT if same else "--dataset from its beginning"}
 
 
-def _model_metrics(cfg: EvalConfig, sae, trained: TrainedOn, store: EvalStore, loaded) -> dict:
+def _model_metrics(cfg: EvalConfig, sae, trained: TrainedOn, store: ActivationStore, loaded) -> dict:
     from saetron.collect.data import open_text_stream
     from saetron.collect.packing import BatchProducer
 
@@ -134,12 +132,12 @@ def _model_metrics(cfg: EvalConfig, sae, trained: TrainedOn, store: EvalStore, l
     return {**out, "ce_text": text, "ce_definitions": SPLICE_DEFINITIONS}
 
 
-def _load_model(cfg: EvalConfig, sae, store: EvalStore, warnings: list[str]):
+def _load_model(cfg: EvalConfig, sae, store: ActivationStore, warnings: list[str]):
     from saetron.collect.model import load_model
 
     m = store.manifest
     if cfg.model != m.get("model"):
-        line = f"--model {cfg.model!r} but the store {store.data_dir} was collected from {m.get('model')!r}"
+        line = f"--model {cfg.model!r} but the store {store.folder} was collected from {m.get('model')!r}"
         if not cfg.allow_mismatch:
             raise ValueError(f"{line}: pass the store's model, or --allow_mismatch")
         logger.warning("%s (--allow_mismatch)", line)
@@ -176,10 +174,10 @@ def final_norm_weight(model) -> Tensor | None:
     return None
 
 
-def _report_summary(cfg: EvalConfig, sae, store: EvalStore, r: dict) -> list[tuple[str, str]]:
+def _report_summary(cfg: EvalConfig, sae, store: ActivationStore, r: dict) -> list[tuple[str, str]]:
     k = f" k={sae.cfg.k}" if sae.cfg.k else ""
     rows = [("SAE", f"{cfg.sae} (d_in {sae.d_in}, d_sae {sae.d_sae}, {sae.cfg.activation}{k})"),
-            ("store", f"{cfg.data_dir}, shards {store.shard_range}, {r['tokens']:,} tokens"),
+            ("store", f"{cfg.data_dir}, shards {shard_range(store)}, {r['tokens']:,} tokens"),
             ("held out", f"{r['held_out']}: {r['why']}"),
             ("explained variance", f"{r['explained_variance']:.4f} (rows under {cfg.outlier_factor:g}x the "
                                    f"median norm: {r['explained_variance_typical']:.4f})"),

@@ -39,6 +39,7 @@ from saetron.collect.store import ActivationStore, row_norms
 from .buffer import BufferedBatches, Chunk, OpenRows
 from .data import check_batch_size
 from .distributed import DistEnv
+from .held_out import live_eval_tokens
 from .train_config import DEFAULT_BUFFER_TOKENS, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,14 @@ class _Buffered:
 
 
 class LiveSource(_Buffered):
-    """Batches straight from the model (--model): this rank's forwards over its text shard, buffered."""
+    """Batches straight from the model (--model): this rank's forwards over its text shard, buffered.
+
+    Held out (N = held_out.live_eval_tokens: --eval_tokens or its default): the first forward batches of
+    each rank's text shard holding at least ceil(N / W) rows are left out of training, whose stream starts
+    at the forward batch after them (`start`); rank 0 keeps its own (`held`: float32 rows on the CPU) and
+    evaluates them at the end. A resume runs those forwards again (the
+    text and the model are the same).
+    """
 
     def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
         check_batch_size(cfg.batch_size, cfg.batch_size, env.world_size)  # the batch splits over the ranks
@@ -155,9 +163,32 @@ class LiveSource(_Buffered):
         # What a store collected with these settings records, for the SAE's export.
         self.manifest = {"model": cfg.model, "target_layer": cfg.target_layer, "hook_point": cfg.hook_point,
                          "context_size": cfg.context_size, "dataset": cfg.dataset}
+        self.eval_tokens = live_eval_tokens(cfg)
+        self.held, self.start = self._hold_out(math.ceil(self.eval_tokens / env.world_size))
+
+    def _hold_out(self, rows: int) -> tuple[list[torch.Tensor], dict | None]:
+        """(the first chunks of this rank's stream holding >= rows rows, float32 on the CPU; the position of
+        the chunk after them, where training starts: None for the stream's start)."""
+        if rows == 0:
+            return [], None
+        held, got = [], 0
+        chunks = model_rows(self.loaded, self.cfg, (self.env.rank, self.env.world_size))(None)
+        try:
+            for x, position in chunks:
+                if got >= rows:
+                    return held, position
+                if self.env.is_main:  # rank 0 evaluates them; the other ranks only skip theirs
+                    held.append(x.float().cpu())
+                got += len(x)
+        finally:
+            chunks.close()
+        raise ValueError(f"--eval_tokens {self.eval_tokens}: {self.stream_name()} holds {got} rows, not "
+                         f"more than the {rows} held out on this rank; pass a smaller --eval_tokens or more "
+                         "text")
 
     def open_rows(self) -> OpenRows:
-        return model_rows(self.loaded, self.cfg, (self.env.rank, self.env.world_size))
+        rows = model_rows(self.loaded, self.cfg, (self.env.rank, self.env.world_size))
+        return lambda position: rows(position if position is not None else self.start)
 
     def stream_name(self) -> str:
         shard = f" (documents {self.env.rank} mod {self.env.world_size})" if self.env.world_size > 1 else ""
@@ -171,7 +202,8 @@ class LiveSource(_Buffered):
         keys = ("model", "dataset", "dataset_config", "split", "text_field", "target_layer", "hook_point",
                 "context_size", "model_batch_size", "model_dtype", "keep_special_tokens")
         return {**{k: getattr(self.cfg, k) for k in keys}, "buffer_rows": self.buffer_rows,
-                "revision": self.loaded.revision, "world_size": self.env.world_size}
+                "revision": self.loaded.revision, "world_size": self.env.world_size,
+                **({"eval_tokens": self.eval_tokens} if self.eval_tokens else {})}
 
     def describe(self) -> str:
         return (f"live: {self.cfg.model} layer {self.cfg.target_layer} {self.cfg.hook_point}, d_model "

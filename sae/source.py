@@ -29,8 +29,8 @@ from .train_config import TrainConfig
 
 # Flags that name the data (beyond the settings every resume checks): a finished run is recognised only
 # when they are the same.
-SOURCE_KEYS = ("data_dir", "num_shards", "target_layer", "model", "dataset", "dataset_config", "split",
-               "text_field", "hook_point", "context_size", "model_batch_size", "model_dtype",
+SOURCE_KEYS = ("data_dir", "num_shards", "eval_tokens", "target_layer", "model", "dataset", "dataset_config",
+               "split", "text_field", "hook_point", "context_size", "model_batch_size", "model_dtype",
                "keep_special_tokens", "buffer_tokens")
 
 
@@ -67,7 +67,8 @@ class StoreSource:
 
 
 def open_store(cfg: TrainConfig, logger=None) -> ActivationStore:
-    """cfg's store, after checking its manifest, each chosen shard against it, and the flags it must match."""
+    """cfg's chosen shards, after checking the manifest, each chosen shard against it, and the flags it must
+    match. Training reads them less the held-out slice (held_out.split_store)."""
     store = ActivationStore(cfg.data_dir, cfg.num_shards,
                             expect={"target_layer": cfg.target_layer, "d_model": cfg.d_model})
     writer = active_writer(cfg.data_dir)
@@ -88,13 +89,14 @@ def planned_steps(cfg: TrainConfig, store: ActivationStore | None, world_size: i
 
 
 def open_source(cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, store: ActivationStore | None = None):
-    """The source cfg names (module docstring); `store`: cfg's store already opened. `dtype`: what a
-    float8 store's rows are decoded to (the compute dtype)."""
+    """The source cfg names (module docstring); `store`: cfg's training shards already opened (without the
+    held-out slice). `dtype`: what a float8 store's rows are decoded to (the compute dtype)."""
+    from .held_out import split_store
     from .live import BufferedStoreSource, LiveSource
 
     if cfg.model is not None:
         return LiveSource(cfg, env)
-    store = store if store is not None else open_store(cfg)
+    store = store if store is not None else split_store(cfg, open_store(cfg))[0]
     if cfg.buffer_tokens is not None:
         return BufferedStoreSource(store, cfg, env)
     return StoreSource(store, cfg, env, dtype)

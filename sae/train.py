@@ -16,9 +16,12 @@ the statistics pass (activation mean, median row norm: row_stats.py) and the enc
 Each step: the row filters (filter_rows: NaN/Inf rows, --max_norm_ratio outliers), forward, loss (with
 the L1 warm-up), backward, then SAEAdam (sae/optim.py): decoder-gradient projection, global gradient
 clipping, a NaN/Inf check (before the optimizer touches the weights), Adam, decoder renormalization.
+After the export rank 0 evaluates the SAE on the held-out rows (--eval_tokens, held_out.py: a store's last
+shards, once the group is gone; with --model the text's first forward batches) and logs the final line
+with those figures.
 Outputs in --output_dir: metrics.jsonl, checkpoints/, train_config.json, sae.safetensors +
-sae_config.json, saelens/ (cfg.json, sae_weights.safetensors, sparsity.safetensors). Exit status: 0,
-2 for an error you can fix (one line on stderr), 1 for a bug.
+sae_config.json, saelens/ (cfg.json, sae_weights.safetensors, sparsity.safetensors), eval.json (the
+held-out figures). Exit status: 0, 2 for an error you can fix (one line on stderr), 1 for a bug.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .checkpoint import (
 )
 from .config import SAEConfig
 from .distributed import DistEnv, exit_process, init_distributed, shard_model, shutdown_distributed
+from .held_out import evaluate_held_out, evaluate_rows, final_line, read_eval_json, split_store
 from .init import init_transpose
 from .io import export_saelens
 from .metrics import Metrics, MetricsFile, format_line
@@ -162,20 +166,22 @@ def drop_nonfinite(x: torch.Tensor, cfg: TrainConfig, where: Callable[[np.ndarra
     return x[finite]
 
 
-def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None) -> dict:
+def train(cfg: TrainConfig, env: DistEnv, store: ActivationStore | None = None, note: str = "") -> dict:
     """Run the whole training described by cfg on this rank; returns the last metrics (rank 0's view).
-    `store`: cfg's store already opened (main does, before the process group exists)."""
+    `store`: cfg's training shards already opened (main does, before the process group exists); `note`:
+    what is held out (a log line's end)."""
     out_dir = prepare_output_dir(Path(cfg.output_dir), env)
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if env.device.type == "cuda" else torch.float32)
     source = open_source(cfg, env, compute_dtype, store)  # the store (either order) or the model: source.py
     try:
-        return train_from(source, cfg, env, out_dir, compute_dtype)
+        return train_from(source, cfg, env, out_dir, compute_dtype, note)
     finally:
         source.close()
 
 
-def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dtype: torch.dtype) -> dict:
+def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dtype: torch.dtype,
+               note: str = "") -> dict:
     """The training loop over `source`'s batches (train())."""
     cfg = replace(cfg, target_layer=source.target_layer, d_model=source.d_model,
                   dtype=str(compute_dtype).removeprefix("torch."))
@@ -187,8 +193,9 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
         raise ValueError(f"--output_dir {str(out_dir)!r} holds checkpoints of an earlier run (up to "
                          f"{earlier[-1].name}); pass --resume to continue it, or choose a new --output_dir")
     if env.is_main:
-        logger.info("%s | %d ranks, %d steps of %d tokens | %s", source.describe(), env.world_size,
-                    total_steps, cfg.batch_size, f"resuming from {ckpt}" if ckpt else "fresh start")
+        logger.info("%s | %d ranks, %d steps of %d tokens | %s%s", source.describe(), env.world_size,
+                    total_steps, cfg.batch_size, f"resuming from {ckpt}" if ckpt else "fresh start",
+                    f" | {note}" if note else "")
 
     torch.manual_seed(cfg.seed)  # the same initialization on every rank, before sharding
     model = SparseAutoencoder.from_config(sae_cfg, backend=cfg.backend)
@@ -205,7 +212,9 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
         logger.info("statistics pass: %d rows, median row norm %.4g; %s | encoder init %s%s", stats.rows,
                     stats.median_norm, f"rows with norm > {max_norm:.4g} are skipped" if max_norm else
                     "no row filter", cfg.encoder_init, f", s = {scale:.4g}" if scale is not None else "")
-        resolved = {**cfg.to_dict(), "median_norm": stats.median_norm, "encoder_scale": scale}
+        store = getattr(source, "store", None)  # the shards trained on: the held-out slice follows them
+        resolved = {**cfg.to_dict(), "median_norm": stats.median_norm, "encoder_scale": scale,
+                    "train_shards": len(store.shards) if store is not None else None}
         (out_dir / "train_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     shard_model(model, env, compute_dtype)
     optimizer = SAEAdam(model, lr=cfg.lr)
@@ -258,12 +267,11 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
     if start_step == total_steps and env.is_main:
         logger.info("the checkpoint is at the last step (%d) already: exporting only", total_steps)
         last = metrics_file.last()
-    export(model, sae_cfg, cfg, source.manifest, metrics, total_steps, out_dir, env)
-    if env.is_main and last:
-        logger.info("final | explained variance %.4f | normal rows %.4f | median fvu %.4f | l0 %.1f | "
-                    "dead %.2f%% | outputs in %s", last["explained_variance"],
-                    last.get("explained_variance_normal", math.nan), last.get("median_fvu", math.nan),
-                    last["l0"], 100 * last["dead_fraction"], out_dir)
+    sae = export(model, sae_cfg, cfg, source.manifest, metrics, total_steps, out_dir, env)
+    held = getattr(source, "held", None)  # live training's held-out rows (a store's: main evaluates them)
+    if held and env.is_main and last:
+        where = {"what": f"the first {sum(map(len, held))} rows of {source.stream_name()}"}
+        last = {**last, "held_out": evaluate_rows(out_dir, sae.to(env.device), lambda: iter(held), where)}
     if run is not None:
         run.finish()
     return last
@@ -322,12 +330,13 @@ def resume(ckpt: Path, cfg: TrainConfig, source, model, optimizer, metrics: Metr
 
 
 def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, manifest: dict, metrics: Metrics,
-           total_steps: int, out_dir: Path, env: DistEnv) -> None:
-    """Collective: gather the full SAE on rank 0 and write the native format and the SAELens export."""
+           total_steps: int, out_dir: Path, env: DistEnv) -> SparseAutoencoder | None:
+    """Collective: gather the full SAE on rank 0 and write the native format and the SAELens export;
+    returns the full SAE (CPU) on rank 0, None on the others."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     log_density = metrics.log_density(total_steps)
     if not env.is_main:
-        return
+        return None
     sae = SparseAutoencoder.from_config(sae_cfg)
     sae.load_state_dict(full)
     sae.save(out_dir)
@@ -339,6 +348,7 @@ def export(model, sae_cfg: SAEConfig, cfg: TrainConfig, manifest: dict, metrics:
     sparsity = Path(saelens_dir) / "sparsity.safetensors"
     save_file({"sparsity": log_density}, sparsity)
     sparsity.chmod(0o644)  # safetensors creates files 0600
+    return sae
 
 
 def prepare_output_dir(path: Path, env: DistEnv) -> Path:
@@ -440,23 +450,35 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     cfg = parse_args(argv)
-    store = open_store(cfg, logger) if cfg.data_dir is not None else None
+    store, held, note = None, None, ""
+    if cfg.data_dir is not None:  # the shards trained on, the held-out ones
+        store, held, note = split_store(cfg, open_store(cfg, logger))
     if cfg.model is not None:
         resolve_model(cfg.model)  # a mistyped path or a missing wheel: said before the model loads
-    planned_steps(cfg, store, world_size)  # the global batch against the ranks and the store
+    try:
+        planned_steps(cfg, store, world_size)  # the global batch against the ranks and the store
+    except ValueError as error:
+        raise ValueError(f"{error} ({note})" if held is not None else str(error)) from None
     last = finished_run(cfg, store, world_size)
     if last is not None:
         logger.info("%s holds this run, finished at step %d and exported: nothing to do", cfg.output_dir,
                     last["step"])
-        return last
-    env = init_distributed()
-    completed = False
-    try:
-        last = train(cfg, env, store)
-        completed = True
-        return last
-    finally:
-        shutdown_distributed(env, completed)
+    else:
+        env = init_distributed()
+        completed = False
+        try:
+            last = train(cfg, env, store, note)
+            completed = True
+        finally:
+            shutdown_distributed(env, completed)
+    if rank == 0 and last:
+        if held is not None:  # a store's held-out shards
+            last = {**last, "held_out": evaluate_held_out(cfg.output_dir, held, cfg.backend)}
+        elif cfg.model is not None and cfg.eval_tokens != 0 and "held_out" not in last:  # finished, live
+            figures = read_eval_json(cfg.output_dir)
+            last = {**last, "held_out": figures} if figures is not None else last
+        logger.info("%s", final_line(last, last.get("held_out"), cfg.output_dir))
+    return last
 
 
 def cli() -> None:

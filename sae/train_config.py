@@ -49,6 +49,13 @@ class TrainConfig(SAEOptions):
     --model instead: training straight from the model."""
     num_shards: int | None = None
     """Read only the first N shards of the store; None reads all of them."""
+    eval_tokens: int | None = None
+    """Held out from training and evaluated at the end (saetron.eval's figures in the final log line and in
+    eval.json): the last whole shards of the chosen ones holding at least this many tokens (an error if
+    none would be left to train on). None: min(5% of the chosen tokens, 2^20), if those shards hold at
+    most a quarter of them (else none, logged). 0: no held-out slice. --model: the first forward batches
+    of each rank's text holding at least N / ranks rows, training starting after them (rank 0 evaluates
+    its own); None: min(5% of --max_steps x --batch_size, 2^16)."""
     target_layer: int | None = None
     """Expected hooked layer; checked against the manifest (a mismatch is an error). None: the manifest's.
     With --model: the layer to hook."""
@@ -157,9 +164,10 @@ class TrainConfig(SAEOptions):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("lr_warmup_steps", "l1_warmup_steps", "checkpoint_every", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
-        for name in ("num_shards", "target_layer", "d_model", "max_steps", "buffer_tokens"):
+        for name in ("num_shards", "target_layer", "d_model", "max_steps", "buffer_tokens", "eval_tokens"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=0 if name == "target_layer" else 1)
+                minimum = 0 if name in ("target_layer", "eval_tokens") else 1
+                _check_int(name, getattr(self, name), minimum=minimum)
         self._check_source()
         choices = {"backend": BACKENDS, "dtype": DTYPES, "lr_decay": LR_DECAYS, "hook_point": HOOK_POINTS,
                    "model_dtype": MODEL_DTYPES, "encoder_init": ENCODER_INITS}

@@ -53,14 +53,16 @@ def random_sae(d_in: int, d_sae: int, k: int | None, normalize: str = "layer_nor
 
 def write_rows_store(folder: Path, shards: list[torch.Tensor], context: int = 16, model: str = "test/tiny",
                      target_layer: int = 3, hook_point: str = "resid_post", dataset: str = "synthetic",
-                     d_model: int | None = None) -> Path:
+                     d_model: int | None = None, dtype: torch.dtype | None = None) -> Path:
     """A store whose shards hold the given activations [n, d], written by the collector's writer; windows
     of `context - 1` rows at positions 1..context-1 (as the collector keeps them), token id = row id % 1000.
-    `d_model`: the width of a store with no shard."""
+    `d_model`: the width of a store with no shard. `dtype`: the stored dtype (default: the rows'); a
+    float8_e4m3fn store gets float rows, encoded by the writer."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(model=model, revision="local", target_layer=target_layer, hook_point=hook_point,
                             d_model=d_model if d_model is not None else int(shards[0].shape[1]),
-                            dtype=shards[0].dtype if shards else torch.float32, context_size=context,
+                            dtype=dtype or (shards[0].dtype if shards else torch.float32),
+                            context_size=context,
                             keep_special_tokens=False, dataset=dataset, split="train", text_field="text",
                             tokenizer=model)
     row = 0

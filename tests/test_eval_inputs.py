@@ -1,12 +1,16 @@
 """Bad inputs give one clear line; the held-out status says which rows the SAE trained on."""
 
+import contextlib
+import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from eval_support import random_sae, write_rows_store, write_training_record
 
-from saetron.eval.__main__ import main
+from saetron.eval.__main__ import cli, main
 from saetron.eval.provenance import held_out, trained_on
 from saetron.eval.store import open_store
 
@@ -28,11 +32,28 @@ def sae_dir(tmp_path):
 
 
 def fail(*argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    message = str(exit_info.value.code)
-    assert message.startswith("saetron-eval: error: ") and "\n" not in message  # one line, no traceback
+    """The CLI's exit status and stderr on a bad input: 2 and one line, no traceback."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(stderr):
+        cli(list(argv))
+    message = stderr.getvalue()
+    assert exit_info.value.code == 2 and message.startswith("saetron-eval: error: ")
+    assert message.count("\n") == 1 and message.endswith("\n")  # one line
     return message
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, sae_dir):
+    """The command itself (`python -m saetron.eval`): a store of another width, then a folder that is not a
+    store; each ends with exit status 2 and one line on stderr."""
+    wide = write_rows_store(tmp_path / "wide", [torch.randn(10, 2 * D)])
+    for data_dir, expected in ((wide, f"reads d_in={D} activations but the store"),
+                               (tmp_path, "manifest.json")):
+        done = subprocess.run([sys.executable, "-m", "saetron.eval", "--sae", str(sae_dir), "--data_dir",
+                               str(data_dir), "--output_dir", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("saetron-eval: error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert expected in done.stderr
 
 
 def test_d_in_differs_from_the_store(tmp_path, sae_dir):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from eval_support import random_sae, write_rows_store
 
+from saetron.collect import fp8
 from saetron.eval.run import evaluate, evaluate_reconstruction, store_batches
 from saetron.eval.store import open_store
 from saetron.kernels.sparse_code import SparseCode
@@ -98,3 +99,22 @@ def test_max_tokens_reads_the_first_rows(store):
     m = evaluate(sae, store_batches(store, 16, 50))
     assert m["tokens"] == 50
     assert m["l0"] == pytest.approx(direct(sae, x[:50])["l0"])
+
+
+def test_float8_store_is_read_decoded(tmp_path):
+    """A float8 store's rows reach the SAE decoded with their per-row scales: the figures equal a direct
+    computation on the rows encoded and decoded by fp8.py (the codes alone are rows / scale, ~448 at
+    each row's largest element, and would give other figures)."""
+    x = make_rows()
+    store = open_store(write_rows_store(tmp_path / "fp8", list(torch.split(x, SHARDS)), dtype=fp8.FP8))
+    codes, scales = torch.empty(x.shape, dtype=fp8.FP8), torch.empty(len(x))
+    fp8.encode(x, codes, scales)
+    decoded = fp8.decode(codes, scales)
+    assert store.scaled and not torch.equal(decoded, x)  # the encoding is lossy: these are other rows
+    sae = random_sae(D_IN, D_SAE, K, seed=1, backend="reference")
+    m = evaluate(sae, store_batches(store, 17, None))
+    want = direct(sae, decoded)
+    for key in ("explained_variance", "explained_variance_typical", "mse", "l0", "dead_fraction"):
+        assert m[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key  # as the reference case above
+    rows = store.read(60, 80)  # a span across shards 0 and 1, decoded the same way
+    assert (rows.shard, rows.start) == (0, 60) and torch.equal(rows.activations, decoded[60:80])

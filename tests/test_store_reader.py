@@ -44,3 +44,26 @@ def test_locate_and_gather(tmp_path):
     rows = np.array([75, 3, 102, 0])
     got = store.gather(rows, torch.empty(4, 12))
     assert torch.equal(got, torch.cat([shards[0]["activations"], shards[1]["activations"]])[rows])
+
+
+def test_shard_range_read_and_windows(tmp_path):
+    """first_shard/num_shards choose a range of shards; `read` spans shards; `window_of` finds the rows of
+    a context window from the positions (write() numbers positions 1..31 cyclically, shards of 70, 33, 100
+    rows restart them)."""
+    shards = write(tmp_path, [70, 33, 100], torch.float32)
+    store = ActivationStore(tmp_path, num_shards=2, first_shard=1)
+    assert store.total_tokens == 133
+    assert store.shard_files == ["shard_00001.safetensors", "shard_00002.safetensors"]
+    rows = store.read(20, 50)  # shard 1 rows 20..32, then shard 2 rows 0..16
+    want = torch.cat([shards[1]["activations"][20:], shards[2]["activations"][:17]])
+    assert (rows.shard, rows.start) == (1, 20) and torch.equal(rows.activations, want)
+    assert torch.equal(rows.positions, torch.cat([shards[1]["positions"][20:], shards[2]["positions"][:17]]))
+    assert [p.shard for p in store.iter_rows(rows_per_read=64)] == [1, 2, 2]
+    assert sum(len(p.token_ids) for p in store.iter_rows(rows_per_read=8, stop=40)) == 40
+    # shard 1: positions 1..31 at rows 0..30, 1..2 at rows 31..32; shard 2 (global rows 33..) restarts at 1
+    assert store.window_of(5) == (0, 31) and store.window_of(32) == (31, 33)
+    assert store.window_of(33) == (33, 64)
+    with pytest.raises(ValueError, match="has 3 shards; pick 0..2"):
+        ActivationStore(tmp_path, first_shard=3)
+    with pytest.raises(ValueError, match="from --first_shard 1 but the store has 3 shards; pass 1..2"):
+        ActivationStore(tmp_path, num_shards=3, first_shard=1)

@@ -1,7 +1,8 @@
 """Training straight from the model (--model): the same batches and loss trajectory, bit for bit, as training
 from a store collected with the same settings and read with the same seed and buffer size; after a kill -9
-and --resume too."""
+and --resume too. --eval_tokens holds out the stream's first forward batches."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from saetron.sae.train import main
 TRAIN = ["--d_sae", "96", "--batch_size", "64", "--lr", "1e-2", "--log_every", "2", "--max_steps", "12",
          "--buffer_tokens", "200", "--stats_tokens", "150", "--activation", "topk", "--k", "8",
          "--checkpoint_every", "4", "--seed", "3"]
-LIVE = ["--target_layer", "2", "--context_size", "24", "--model_batch_size", "2"]
+# --eval_tokens 0: the whole text trains, as the store run's first rows do
+LIVE = ["--target_layer", "2", "--context_size", "24", "--model_batch_size", "2", "--eval_tokens", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +93,44 @@ def test_live_flags_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"--model /no/such/model: no such file or folder"):
         main(["--output_dir", str(tmp_path), "--model", "/no/such/model", "--target_layer", "1",
               "--max_steps", "3"])
+
+
+def test_held_out_rows_are_the_first_forward_batches(tiny_llama, text, from_store, tmp_path,  # noqa: F811
+                                                       monkeypatch):
+    """--eval_tokens with --model: the first forward batches holding >= N rows are held out, and training's
+    stream starts right after them; compared with the store of the same settings (the same rows in the
+    same order). The run evaluates them at the end (eval.json, the final line); a finished run's re-run
+    reads eval.json without loading the model."""
+    from saetron.collect.store import ActivationStore
+    from saetron.sae.buffer import buffer_permutation
+    from saetron.sae.distributed import DistEnv
+    from saetron.sae.train_config import TrainConfig
+
+    store = ActivationStore(from_store.parent / "store")
+    stored = torch.cat([rows.activations for rows in store.iter_rows()])  # [~2400, d] in stream order
+    cfg = TrainConfig(output_dir=str(tmp_path / "o"), model=tiny_llama, dataset=text, target_layer=2,
+                      context_size=24, model_batch_size=2, max_steps=12, batch_size=64, buffer_tokens=200,
+                      seed=3, eval_tokens=100)
+    source = live.LiveSource(cfg, DistEnv(0, 1, torch.device("cpu")))
+    try:
+        held = torch.cat(source.held)
+        r = len(held)
+        assert 100 <= r < 100 + len(source.held[-1])  # whole forward batches, the last one reaching 100
+        assert torch.equal(held, stored[:r].float())
+        # the training stream's first buffer: stream rows [r, r + 200), permuted by (seed, rank 0, buffer 0)
+        first = source.first_rows(200, 12)
+        perm = torch.from_numpy(buffer_permutation(3, 0, 0, 200))
+        assert torch.equal(first.float(), stored[r:r + 200][perm])
+    finally:
+        source.close()
+
+    out = tmp_path / "live"
+    command = ["--model", tiny_llama, "--dataset", text, *LIVE, "--output_dir", str(out), *TRAIN,
+               "--eval_tokens", "100"]
+    last = main(command)
+    figures = last["held_out"]
+    assert figures["tokens"] == r
+    assert figures["held_out"]["what"].startswith(f"the first {r} rows of the text")
+    assert json.loads((out / "eval.json").read_text()) == figures
+    monkeypatch.setattr(live, "load_model", lambda *a, **k: pytest.fail("a finished run loaded the model"))
+    assert main(command + ["--resume"])["held_out"] == figures
