@@ -77,6 +77,14 @@ def _adam_kernel(
 
 
 @triton.jit
+def _remove_parallel(w, g, TINY: tl.constexpr):
+    """g - <g, w> / ||w||^2 w for one row (0 coefficient for a zero row), fp32."""
+    sq = tl.sum(w * w, axis=0)
+    coef = tl.where(sq > 0.0, tl.sum(w * g, axis=0) / tl.maximum(sq, TINY), 0.0)
+    return g - coef * w
+
+
+@triton.jit
 def _decoder_adam_kernel(
     w_ptr,  # [rows, d], updated
     g_ptr,  # [rows, d]
@@ -105,9 +113,7 @@ def _decoder_adam_kernel(
     g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + row * stride_m + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + row * stride_v + offs, mask=mask, other=0.0).to(tl.float32)
-    sq = tl.sum(w * w, axis=0)
-    coef = tl.where(sq > 0.0, tl.sum(w * g, axis=0) / tl.maximum(sq, TINY), 0.0)
-    g = g - coef * w
+    g = _remove_parallel(w, g, TINY)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr)
     m = m + (1.0 - beta1) * (g - m)
@@ -135,9 +141,7 @@ def _decoder_grad_sq_kernel(
     mask = offs < d
     w = tl.load(w_ptr + row * stride_w + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-    sq = tl.sum(w * w, axis=0)
-    coef = tl.where(sq > 0.0, tl.sum(w * g, axis=0) / tl.maximum(sq, TINY), 0.0)
-    g = g - coef * w
+    g = _remove_parallel(w, g, TINY)
     tl.store(out_ptr + row, tl.sum(g * g, axis=0))
 
 
