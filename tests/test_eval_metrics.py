@@ -98,3 +98,15 @@ def test_max_tokens_reads_the_first_rows(store):
     m = evaluate(sae, store_batches(store, 16, 50))
     assert m["tokens"] == 50
     assert m["l0"] == pytest.approx(direct(sae, x[:50])["l0"])
+
+
+def test_package_exports_the_entry_points():
+    """`from saetron.eval import evaluate` (the package's documented entry point) resolves to run.py's
+    function; it must not recurse through the package's lazy __getattr__."""
+    import subprocess
+    import sys
+
+    code = ("from saetron.eval import evaluate, format_summary\n"
+            "import saetron.eval.run as run\n"
+            "assert evaluate is run.evaluate and format_summary is run.format_summary\n")
+    subprocess.run([sys.executable, "-c", code], check=True)  # a fresh process: run.py not yet imported
