@@ -18,6 +18,7 @@ trainer flags, ARCHITECTURE_FLAGS) and the run's own flags. Runs (--runs):
                       filter, AuxK)
     batchtopk         batchtopk (--k K): the same defaults
     jumprelu          jumprelu with --target_l0 K: the same defaults
+    relu              relu with --target_l0 K: the same defaults
     topk_noaux, batchtopk_noaux   the same with --aux_k_coeff 0 (what AuxK does)
     seed              topk with the seed's flags: Kaiming init, lr 3e-4, no outlier filter
     defaults_nofilter topk, the defaults with --max_norm_ratio 0 (what the filter alone does)
@@ -55,12 +56,14 @@ ARCHITECTURE_FLAGS = {  # the trainer's flags that choose each architecture at s
     "topk": lambda k: ["--activation", "topk", "--k", str(k)],
     "batchtopk": lambda k: ["--activation", "batchtopk", "--k", str(k)],
     "jumprelu": lambda k: ["--activation", "jumprelu", "--target_l0", str(k)],
+    "relu": lambda k: ["--activation", "relu", "--target_l0", str(k)],
 }
 NO_AUXK = ["--aux_k_coeff", "0"]
 SAETRON_RUNS = {  # name -> (architecture, the run's own flags)
     "defaults": ("topk", []),
     "batchtopk": ("batchtopk", []),
     "jumprelu": ("jumprelu", []),
+    "relu": ("relu", []),
     "topk_noaux": ("topk", NO_AUXK),
     "batchtopk_noaux": ("batchtopk", NO_AUXK),
     "seed": ("topk", ["--encoder_init", "kaiming", "--lr", "3e-4", "--max_norm_ratio", "0"]),
@@ -218,8 +221,8 @@ def print_table(args, results: dict) -> None:
     """The markdown table: held-out figures per run, and the trainer's own last dead_fraction (latents
     that fired in none of the last --dead_window training tokens; 0 whenever the window is longer than
     the run)."""
-    print(f"\nheld-out quality: SmolLM2-135M layer {args.layer}, d_sae {args.d_sae}, k={args.k} (jumprelu: "
-          f"--target_l0 {args.k}), {args.steps} steps of {args.batch_size}, seed {args.seed}"
+    print(f"\nheld-out quality: SmolLM2-135M layer {args.layer}, d_sae {args.d_sae}, k={args.k} "
+          f"(jumprelu, relu: --target_l0 {args.k}), {args.steps} steps of {args.batch_size}, seed {args.seed}"
           + (f", {args.train_args}" if args.train_args else ""))
     print("| run | architecture | lr | s | EV normal rows | EV all rows | median FVU | L0 | dead held-out | "
           f"dead trainer |\n|{'---|' * 10}")
