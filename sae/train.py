@@ -195,6 +195,11 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
     if env.is_main:
         logger.info("%s | %d ranks, %d steps of %d tokens | %s", source.describe(), env.world_size,
                     total_steps, cfg.batch_size, f"resuming from {ckpt}" if ckpt else "fresh start")
+        if cfg.dead_window > total_steps * cfg.batch_size:
+            logger.warning("--dead_window %d tokens is longer than this run (%d tokens): no latent can count "
+                           "as dead, so dead_fraction reads 0 and AuxK never starts; to measure dead latents "
+                           "in a short run, pass a --dead_window below its length", cfg.dead_window,
+                           total_steps * cfg.batch_size)
 
     torch.manual_seed(cfg.seed)  # the same initialization on every rank, before sharding
     model = SparseAutoencoder.from_config(sae_cfg, backend=cfg.backend)
