@@ -20,18 +20,16 @@ follow. The clamp bounds the step of a far-off start (ReLU begins at L0 ~ d_sae 
 coefficient ramps up instead of jumping and overshooting into dead latents. The state (u and the last
 e) is a 2-vector on the device, checkpointed with the run; nothing here synchronizes with the host.
 
-Where u starts: u_0 = log(v^(1 - q/2)), so that the coefficient starts in units of the data's scale.
+Where u starts: u_0 = p * log(v), so that the coefficient starts at v^p times the configured one.
 v = the per-element variance of the SAE's normalized input over the first batch (`input_variance`:
-the mse of reconstructing every row by the mean), q = the degree of the architecture's sparsity term
-in the input's scale (`Architecture.sparsity_degree`: relu's L1 sum_i f_i ||W_dec[i]|| grows as the
-activations, q = 1; jumprelu's count of active latents does not, q = 0). Scaling the input by c scales
-the mse by c^2 and the sparsity term by c^q, so the coefficient that balances them by c^(2 - q) =
-v^(1 - q/2) in units of v: with this start, --l0_coeff / --l1_coeff mean the same at any activation
-scale (under layer_norm v ~ 1 and u_0 ~ 0). Measured with bench/quality.py's set-up (SmolLM2-135M layer
-12, v = 19.4 on the rows the filter keeps, d_sae 4608, jumprelu --target_l0 64, 132 steps at the
-default lr 3.77e-4; held-out L0): from u_0 = 0 (l0_coeff 1e-3 in the raw units) the integral, at
-gain * lr = 0.019 a step, could not climb the factor ~20 in the run and L0 drifted to 80.9 (+26%);
-from l0_coeff 2e-2 (1e-3 x v) it ended at 68.2 (+7%).
+the mse of reconstructing every row by the mean); p = the architecture's `target_l0_start_power`.
+jumprelu, p = 1: its penalty counts active latents and does not scale with the input, while the mse
+scales as v, so the coefficient that balances them scales as v; with this start --l0_coeff means the
+same at any activation scale (under layer_norm v ~ 1 and u_0 ~ 0). Measured with bench/quality.py's
+set-up (SmolLM2-135M layer 12, v = 19.8 on the first batch, d_sae 4608, jumprelu --target_l0 64, 132
+steps at the default lr 3.77e-4; held-out L0): from u_0 = 0 (l0_coeff 1e-3 in raw units) the integral,
+at gain * lr = 0.019 a step, could not climb the factor ~20 within the run and L0 drifted to 80.9
+(+26%); from u_0 = log(v) it ended at 68.3 (+7%). relu keeps p = 0 (see relu.py).
 """
 
 from __future__ import annotations
@@ -100,6 +98,6 @@ def input_variance(model, x: Tensor, chunk_rows: int = 4096) -> float:
     return float((squares / n - (total / n).pow(2).sum()) / x.shape[1])
 
 
-def start_multiplier(variance: float, sparsity_degree: float) -> float:
-    """exp(u_0) = v^(1 - q/2) (module docstring)."""
-    return variance ** (1.0 - sparsity_degree / 2.0)
+def start_multiplier(variance: float, power: float) -> float:
+    """exp(u_0) = v^p (module docstring)."""
+    return variance ** power

@@ -215,7 +215,7 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
     start = 1.0  # --target_l0's start multiplier (a resumed run restores the controller's state instead)
     if cfg.target_l0 is not None and ckpt is None:
         variance = input_variance(model, keep_rows(stats.first_rows, max_norm)[0])
-        start = start_multiplier(variance, model.architecture.sparsity_degree)
+        start = start_multiplier(variance, model.architecture.target_l0_start_power)
         if env.is_main:
             logger.info("--target_l0: input variance %.4g, the sparsity coefficient starts at %.4g", variance,
                         sparsity_coeff(cfg) * start)

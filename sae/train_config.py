@@ -90,8 +90,7 @@ class TrainConfig:
     """Number of latents of the SAE."""
     l1_coeff: float = 5e-3
     """Weight of the L1 penalty sum_i f_i ||W_dec[i]|| (relu; the others report it only). With --target_l0,
-    where the coefficient starts, in units of the data's scale: l1_coeff * sqrt(v), v = the per-element
-    variance of the first batch's normalized input (sae/sparsity_control.py)."""
+    where the coefficient starts."""
     l0_coeff: float = 1e-3
     """Weight of jumprelu's L0 penalty l0_coeff * mean_tokens sum_i H(pre_i - theta_i) (in units of the mse).
     With --target_l0, where the coefficient starts, in units of the data's scale: l0_coeff * v, v = the

@@ -29,9 +29,9 @@ def test_update_is_proportional_integral_in_log_space():
 
 
 def test_the_start_is_in_units_of_the_input_variance():
-    """v is the per-element variance of the normalized input (a direct computation), and the start
-    v^(1 - q/2) makes the coefficient follow the data's scale: x 10 -> jumprelu's (q = 0) start x 100,
-    relu's (q = 1) x 10; the controller begins at that multiplier."""
+    """v is the per-element variance of the normalized input (a direct computation), and the start v^p
+    follows the data's scale: x 10 -> x 100 at p = 1 (jumprelu's), x 10 at p = 1/2, unchanged at p = 0
+    (relu's); the controller begins at that multiplier."""
     g = torch.Generator().manual_seed(0)
     x = 3.0 * torch.randn(300, 16, generator=g) + torch.randn(16, generator=g)  # [N, d] with an offset
     centered = SparseAutoencoder.from_config(SAEConfig(16, 32, "expected_average_only_in", activation="relu"))
@@ -45,8 +45,9 @@ def test_the_start_is_in_units_of_the_input_variance():
     plain = SparseAutoencoder.from_config(SAEConfig(16, 32, "none", activation="relu"))
     v, v10 = input_variance(plain, x), input_variance(plain, 10 * x)
     assert v10 == pytest.approx(100 * v, rel=1e-6)
-    assert start_multiplier(v10, 0.0) == pytest.approx(100 * start_multiplier(v, 0.0), rel=1e-6)
-    assert start_multiplier(v10, 1.0) == pytest.approx(10 * start_multiplier(v, 1.0), rel=1e-6)
+    assert start_multiplier(v10, 1.0) == pytest.approx(100 * start_multiplier(v, 1.0), rel=1e-6)
+    assert start_multiplier(v10, 0.5) == pytest.approx(10 * start_multiplier(v, 0.5), rel=1e-6)
+    assert start_multiplier(v10, 0.0) == start_multiplier(v, 0.0) == 1.0
     assert float(L0Controller(8.0, 10.0, torch.device("cpu"), start=v).multiplier()) == pytest.approx(v)
     with pytest.raises(ValueError, match="start multiplier must be a finite number > 0; got 0.0"):
         L0Controller(8.0, 10.0, torch.device("cpu"), start=0.0)

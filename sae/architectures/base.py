@@ -90,10 +90,9 @@ class Architecture(nn.Module):
     target_l0_gain: ClassVar[float | None] = None
     """--target_l0's integral gain per unit of learning rate (sae/sparsity_control.py): how hard the
     controller may push this architecture's sparsity coefficient; None: no --target_l0."""
-    sparsity_degree: ClassVar[float] = 1.0
-    """q: the sparsity term scales as c^q when the input is scaled by c (an L1 of the activations: 1, a count
-    of active latents: 0); --target_l0 starts the coefficient at v^(1 - q/2) times the configured one
-    (sae/sparsity_control.py)."""
+    target_l0_start_power: ClassVar[float] = 0.0
+    """p: --target_l0 starts the sparsity coefficient at v^p times the configured one, v = the per-element
+    variance of the first batch's normalized input (sae/sparsity_control.py); 0: as configured."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
