@@ -29,6 +29,9 @@ trainer flags, ARCHITECTURE_FLAGS) and the run's own flags. Runs (--runs):
                       pilot_layer_norm: one of the two each; pilot_before: `pilot` with the seed's
                       Kaiming init and no outlier filter; pilot_noaux: pilot_defaults without AuxK.
                       Use with --layer 15 --k 32 --steps 200 --train_tokens 20000
+    pilot_train_args  launch_pilot.sh's TRAIN_ARGS today: the trainer's defaults, a constant lr after a
+                      16-step warm-up, --dead_window 65536. Use with --layer 15 --k 32 --steps 600
+                      --train_tokens 20000
 
 --train_args adds flags to every saetron run (an ablation: e.g. --train_args="--dead_window 16384").
 Prints a table and writes OUT/quality.json (figures, commands, per-run settings).
@@ -51,7 +54,9 @@ import numpy as np
 
 EXCERPT_CHARS = 3000
 HELDOUT_EVERY = 4  # every 4th document of the permutation is held out
-PILOT_SCHEDULE = ["--lr_warmup_steps", "16", "--lr_decay", "linear"]
+PILOT_SCHEDULE = ["--lr_warmup_steps", "16", "--lr_decay", "linear"]  # launch_pilot.sh's earlier one
+# launch_pilot.sh's TRAIN_ARGS beyond what the bench sets itself (d_sae, k, batch, steps, epochs, logging)
+PILOT_TRAIN_ARGS = ["--lr_warmup_steps", "16", "--lr_decay", "none", "--dead_window", "65536"]
 ARCHITECTURE_FLAGS = {  # the trainer's flags that choose each architecture at sparsity k
     "topk": lambda k: ["--activation", "topk", "--k", str(k)],
     "batchtopk": lambda k: ["--activation", "batchtopk", "--k", str(k)],
@@ -72,6 +77,7 @@ SAETRON_RUNS = {  # name -> (architecture, the run's own flags)
     "pilot_before": ("topk", ["--normalize_activations", "layer_norm", "--lr", "3e-3", *PILOT_SCHEDULE,
                               "--encoder_init", "kaiming", "--max_norm_ratio", "0"]),
     "pilot_defaults": ("topk", PILOT_SCHEDULE),
+    "pilot_train_args": ("topk", PILOT_TRAIN_ARGS),
     "pilot_noaux": ("topk", [*PILOT_SCHEDULE, *NO_AUXK]),
     "pilot_lr": ("topk", ["--lr", "3e-3", *PILOT_SCHEDULE]),
     "pilot_layer_norm": ("topk", ["--normalize_activations", "layer_norm", *PILOT_SCHEDULE]),
