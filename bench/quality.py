@@ -220,8 +220,8 @@ def trainer_norm_limit(store: str, defaults, seed: int) -> float | None:
 
     opened = ActivationStore(store)
     stats = RowStatistics(opened.d_model)
-    for x in stats_batches(opened, ShuffleOrder(opened.starts, defaults.shuffle_buffer, seed),
-                           defaults.stats_tokens):
+    for _, x in stats_batches(opened, ShuffleOrder(opened.starts, defaults.shuffle_buffer, seed),
+                              defaults.stats_tokens):  # (row ids, rows [n, d_model]) pairs
         stats.add(x)
     return norm_limit(defaults.max_norm_ratio, stats.median_norm)
 
