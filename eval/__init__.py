@@ -9,7 +9,9 @@ report (self-contained HTML) -> run (evaluate(), the CLI's run()), __main__ the 
 
 def __getattr__(name: str):
     if name in ("evaluate", "evaluate_reconstruction", "format_summary", "run"):
-        from . import run
+        import importlib
 
-        return getattr(run, name)
+        # import_module, not `from . import run`: that looks `run` up on this package first, which
+        # calls this __getattr__ again (endless recursion) while the submodule is not yet imported
+        return getattr(importlib.import_module(f"{__name__}.run"), name)
     raise AttributeError(f"module 'saetron.eval' has no attribute {name!r}")

@@ -52,7 +52,8 @@ class SAEOptions:
     l0_coeff: float = 1e-3
     """Weight of `jumprelu`'s L0 penalty l0_coeff * mean over tokens of sum_i H(pre_i - theta_i), in the
     units of the mse (mean over tokens and elements of the normalized input). With the trainer's
-    --target_l0, where the coefficient starts."""
+    --target_l0, where the coefficient starts, in units of the data's scale: l0_coeff * v, v = the
+    per-element variance of the first batch's normalized input (sae/sparsity_control.py)."""
     jumprelu_bandwidth: float = 0.1
     """`jumprelu`'s straight-through estimator's kernel width, as a fraction of the thresholds' starting
     value (the threshold at L0 = k of the last start batch), so that it follows the activations' scale."""

@@ -19,6 +19,17 @@ schedule: it slows down with the lr's warm-up and decay instead of winding up wh
 follow. The clamp bounds the step of a far-off start (ReLU begins at L0 ~ d_sae / 2), so the
 coefficient ramps up instead of jumping and overshooting into dead latents. The state (u and the last
 e) is a 2-vector on the device, checkpointed with the run; nothing here synchronizes with the host.
+
+Where u starts: u_0 = p * log(v), so that the coefficient starts at v^p times the configured one.
+v = the per-element variance of the SAE's normalized input over the first batch (`input_variance`:
+the mse of reconstructing every row by the mean); p = the architecture's `target_l0_start_power`.
+jumprelu, p = 1: its penalty counts active latents and does not scale with the input, while the mse
+scales as v, so the coefficient that balances them scales as v; with this start --l0_coeff means the
+same at any activation scale (under layer_norm v ~ 1 and u_0 ~ 0). Measured with bench/quality.py's
+set-up (SmolLM2-135M layer 12, v = 19.8 on the first batch, d_sae 4608, jumprelu --target_l0 64, 132
+steps at the default lr 3.77e-4; held-out L0): from u_0 = 0 (l0_coeff 1e-3 in raw units) the integral,
+at gain * lr = 0.019 a step, could not climb the factor ~20 within the run and L0 drifted to 80.9
+(+26%); from u_0 = log(v) it ended at 68.3 (+7%). relu keeps p = 0 (see relu.py).
 """
 
 from __future__ import annotations
@@ -36,11 +47,16 @@ MAX_ERROR = 1.0  # |e| is clamped here: L0 beyond e times the target counts as e
 class L0Controller:
     """Proportional-integral control of the sparsity coefficient's multiplier m (see the module doc)."""
 
-    def __init__(self, target: float, gain: float, device: torch.device) -> None:
+    def __init__(self, target: float, gain: float, device: torch.device, start: float = 1.0) -> None:
+        """`start`: the multiplier before the first update, exp(u_0) (`start_multiplier`)."""
         if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < math.inf:
             raise ValueError(f"target_l0 must be a finite number > 0; got {target!r}")
+        if not 0 < start < math.inf:
+            raise ValueError(f"the controller's start multiplier must be a finite number > 0; got {start!r} "
+                             "(the first batch's input variance is 0 or not finite: check the data)")
         self.target, self.gain = float(target), float(gain)
         self.state = torch.zeros(2, dtype=torch.float64, device=device)  # u, the last e
+        self.state[0] = math.log(start)
 
     def multiplier(self) -> Tensor:
         """m = exp(u + KP * e), a 0-d fp64 tensor (the same on every rank)."""
@@ -64,3 +80,24 @@ class L0Controller:
 
     def load_state_dict(self, state: dict) -> None:
         self.state.copy_(state["l0_control"])
+
+
+@torch.no_grad()
+def input_variance(model, x: Tensor, chunk_rows: int = 4096) -> float:
+    """v = (1 / (N d_in)) sum_n ||x_n - mean_n x_n||^2 over x [N, d_in] in the SAE's normalized space
+    (x_n = model.normalize(x)): the per-element variance, the mse of reconstructing each row by the mean.
+    Sums in float64 over chunks of `chunk_rows` rows on the model's device."""
+    device = model.W_dec.device
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for chunk in x.split(chunk_rows):
+        x_n = model.normalize(chunk.to(device, torch.float32))[0].double()  # [n, d_in]
+        total += x_n.sum(0)
+        squares += x_n.pow(2).sum()
+    n = max(x.shape[0], 1)
+    return float((squares / n - (total / n).pow(2).sum()) / x.shape[1])
+
+
+def start_multiplier(variance: float, power: float) -> float:
+    """exp(u_0) = v^p (module docstring)."""
+    return variance ** power

@@ -68,7 +68,7 @@ from .model import SparseAutoencoder
 from .optim import SAEAdam
 from .row_stats import RowStatistics, keep_rows, norm_limit
 from .source import SOURCE_KEYS, open_source, open_store, planned_steps
-from .sparsity_control import L0Controller
+from .sparsity_control import L0Controller, input_variance, start_multiplier
 from .train_config import TrainConfig, field_docs
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,11 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
         logger.info("%s | %d ranks, %d steps of %d tokens | %s%s", source.describe(), env.world_size,
                     total_steps, cfg.batch_size, f"resuming from {ckpt}" if ckpt else "fresh start",
                     f" | {note}" if note else "")
+        if cfg.dead_window > total_steps * cfg.batch_size:
+            logger.warning("--dead_window %d tokens is longer than this run (%d tokens): no latent can count "
+                           "as dead, so dead_fraction reads 0 and AuxK never starts; to measure dead latents "
+                           "in a short run, pass a --dead_window below its length", cfg.dead_window,
+                           total_steps * cfg.batch_size)
 
     torch.manual_seed(cfg.seed)  # the same initialization on every rank, before sharding
     model = SparseAutoencoder.from_config(sae_cfg, backend=cfg.backend)
@@ -208,6 +213,13 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
         collections.deque(batches, maxlen=0)  # the statistics alone
     max_norm = norm_limit(cfg.max_norm_ratio, stats.median_norm)
     scale = initialize(model.to(env.device), cfg, stats, max_norm, out_dir, fresh=ckpt is None)
+    start = 1.0  # --target_l0's start multiplier (a resumed run restores the controller's state instead)
+    if cfg.target_l0 is not None and ckpt is None:
+        variance = input_variance(model, keep_rows(stats.first_rows, max_norm)[0])
+        start = start_multiplier(variance, model.architecture.target_l0_start_power)
+        if env.is_main:
+            logger.info("--target_l0: input variance %.4g, the sparsity coefficient starts at %.4g", variance,
+                        sparsity_coeff(cfg) * start)
     if env.is_main:
         logger.info("statistics pass: %d rows, median row norm %.4g; %s | encoder init %s%s", stats.rows,
                     stats.median_norm, f"rows with norm > {max_norm:.4g} are skipped" if max_norm else
@@ -223,7 +235,7 @@ def train_from(source, cfg: TrainConfig, env: DistEnv, out_dir: Path, compute_dt
                       mean=stats.mean, median_norm=stats.median_norm)
     controller = None
     if cfg.target_l0 is not None:
-        controller = L0Controller(cfg.target_l0, model.architecture.target_l0_gain, env.device)
+        controller = L0Controller(cfg.target_l0, model.architecture.target_l0_gain, env.device, start)
 
     start_step, rank_state = 0, None
     if ckpt is not None:

@@ -118,3 +118,15 @@ def test_float8_store_is_read_decoded(tmp_path):
         assert m[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key  # as the reference case above
     rows = store.read(60, 80)  # a span across shards 0 and 1, decoded the same way
     assert (rows.shard, rows.start) == (0, 60) and torch.equal(rows.activations, decoded[60:80])
+
+
+def test_package_exports_the_entry_points():
+    """`from saetron.eval import evaluate` (the package's documented entry point) resolves to run.py's
+    function; it must not recurse through the package's lazy __getattr__."""
+    import subprocess
+    import sys
+
+    code = ("from saetron.eval import evaluate, format_summary\n"
+            "import saetron.eval.run as run\n"
+            "assert evaluate is run.evaluate and format_summary is run.format_summary\n")
+    subprocess.run([sys.executable, "-c", code], check=True)  # a fresh process: run.py not yet imported

@@ -6,7 +6,9 @@ import pytest
 import torch
 from train_support import read_metrics, train_in_process, write_store
 
-from saetron.sae.sparsity_control import KP, MAX_ERROR, L0Controller
+from saetron.sae import SparseAutoencoder
+from saetron.sae.config import SAEConfig
+from saetron.sae.sparsity_control import KP, MAX_ERROR, L0Controller, input_variance, start_multiplier
 from saetron.sae.train_config import TrainConfig
 
 
@@ -24,6 +26,36 @@ def test_update_is_proportional_integral_in_log_space():
     restored = L0Controller(8.0, 10.0, torch.device("cpu"))
     restored.load_state_dict(c.state_dict())
     assert torch.equal(restored.multiplier(), c.multiplier())
+
+
+def make_sae(normalization: str) -> SparseAutoencoder:
+    return SparseAutoencoder.from_config(SAEConfig(16, d_sae=32, normalize_activations=normalization,
+                                                   activation="relu"))
+
+
+def test_the_start_is_in_units_of_the_input_variance():
+    """v is the per-element variance of the normalized input (a direct computation), and the start v^p
+    follows the data's scale: x 10 -> x 100 at p = 1 (jumprelu's), x 10 at p = 1/2, unchanged at p = 0
+    (relu's); the controller begins at that multiplier."""
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 * torch.randn(300, 16, generator=g) + torch.randn(16, generator=g)  # [N, d] with an offset
+    centered = make_sae("expected_average_only_in")
+    centered.estimate_activation_mean([x[:100]])  # another mean than x's: v is around x's own mean
+    assert input_variance(centered, x, chunk_rows=64) == pytest.approx(x.var(0, unbiased=False).mean().item(),
+                                                                       rel=1e-6)
+    layer_norm = make_sae("layer_norm")
+    x_n = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)
+    assert input_variance(layer_norm, x) == pytest.approx(x_n.var(0, unbiased=False).mean().item(), rel=1e-5)
+
+    plain = make_sae("none")
+    v, v10 = input_variance(plain, x), input_variance(plain, 10 * x)
+    assert v10 == pytest.approx(100 * v, rel=1e-6)
+    assert start_multiplier(v10, 1.0) == pytest.approx(100 * start_multiplier(v, 1.0), rel=1e-6)
+    assert start_multiplier(v10, 0.5) == pytest.approx(10 * start_multiplier(v, 0.5), rel=1e-6)
+    assert start_multiplier(v10, 0.0) == start_multiplier(v, 0.0) == 1.0
+    assert float(L0Controller(8.0, 10.0, torch.device("cpu"), start=v).multiplier()) == pytest.approx(v)
+    with pytest.raises(ValueError, match="start multiplier must be a finite number > 0; got 0.0"):
+        L0Controller(8.0, 10.0, torch.device("cpu"), start=0.0)
 
 
 def test_target_l0_is_validated():

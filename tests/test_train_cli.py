@@ -110,3 +110,5 @@ def test_log_lines_say_progress_and_eta(store, tmp_path, caplog):
     lines = [r.message for r in caplog.records if r.message.startswith("step ")]
     assert len(lines) == 2 and re.search(r"\|  50% \| eta \d+m \d\ds$", lines[0]), lines
     assert lines[1].endswith("| 100% | eta 0m 00s")
+    # 4 steps of 128 tokens against the default 1M-token window: the log says dead_fraction means nothing
+    assert "--dead_window 1000000 tokens is longer than this run (512 tokens)" in caplog.text

@@ -90,6 +90,9 @@ class Architecture(nn.Module):
     target_l0_gain: ClassVar[float | None] = None
     """--target_l0's integral gain per unit of learning rate (sae/sparsity_control.py): how hard the
     controller may push this architecture's sparsity coefficient; None: no --target_l0."""
+    target_l0_start_power: ClassVar[float] = 0.0
+    """p: --target_l0 starts the sparsity coefficient at v^p times the configured one, v = the per-element
+    variance of the first batch's normalized input (sae/sparsity_control.py); 0: as configured."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:

@@ -124,6 +124,9 @@ class JumpReLU(Architecture):
     # step ~100 (at 100 it oscillated by +-25%); on the pilot's 150 JumpReLU steps at a decaying lr 3e-3,
     # 100 lands closer (64 from a start at 1e-4) than 50 (68), 10 barely moves the coefficient.
     target_l0_gain = 50.0
+    # the penalty counts active latents (scale-free) against an mse that scales as v: its coefficient
+    # starts at l0_coeff * v (measured in sae/sparsity_control.py)
+    target_l0_start_power = 1.0
 
     def __init__(self, cfg, device=None, dtype=None) -> None:
         super().__init__(cfg, device, dtype)
